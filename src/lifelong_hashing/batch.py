@@ -1,0 +1,182 @@
+"""The one batch format every part of the project reads and writes.
+
+A batch is row-aligned arrays: item ids, image features (or pixels), text features and a
+multi-hot label matrix whose columns are named by ``categories``. On disk it is an ``.npz``
+with exactly those five keys (see README, "Batch format"). Every constructor validates, so a
+``Batch`` that exists is a good one; a bad one raises ``BatchError`` naming the source, the
+field and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FIELDS = ("ids", "image", "text", "labels", "categories")
+
+
+class BatchError(ValueError):
+    """A batch (in memory or on disk) that breaks the format; the message says where and why."""
+
+    def __init__(self, source: str, field: str, problem: str):
+        self.source, self.field, self.problem = source, field, problem
+        super().__init__(f"{source}: field '{field}': {problem}")
+
+
+@dataclass(frozen=True)
+class Batch:
+    ids: np.ndarray  # (n,) str, unique
+    image: np.ndarray  # (n, d_img) or (n, channels, h, w) float32
+    text: np.ndarray  # (n, d_txt) float32
+    labels: np.ndarray  # (n, C) uint8 in {0, 1}
+    categories: tuple[str, ...]  # C names, the label columns
+    source: str = "<memory>"
+
+    def __post_init__(self):
+        _validate(self)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, rows) -> Batch:
+        """Rows by index or boolean mask; the category vocabulary is kept whole."""
+        return Batch(
+            self.ids[rows], self.image[rows], self.text[rows], self.labels[rows], self.categories,
+            source=self.source,
+        )
+
+    def with_categories(self, categories: tuple[str, ...] | list[str]) -> Batch:
+        """Re-express the labels over a larger vocabulary that starts with this one's names."""
+        categories = tuple(categories)
+        unknown = [c for c in self.categories if c not in categories]
+        if unknown:
+            raise BatchError(self.source, "categories", f"unknown to the vocabulary: {unknown}")
+        columns = [categories.index(c) for c in self.categories]
+        labels = np.zeros((len(self), len(categories)), np.uint8)
+        labels[:, columns] = self.labels
+        return Batch(self.ids, self.image, self.text, labels, categories, source=self.source)
+
+    @staticmethod
+    def concat(batches: list[Batch]) -> Batch:
+        """Stack batches over the union vocabulary (first-seen order)."""
+        if not batches:
+            raise BatchError("<concat>", "ids", "no batches to concatenate")
+        vocabulary: list[str] = []
+        for b in batches:
+            vocabulary += [c for c in b.categories if c not in vocabulary]
+        aligned = [b.with_categories(vocabulary) for b in batches]
+        return Batch(
+            np.concatenate([b.ids for b in aligned]),
+            np.concatenate([b.image for b in aligned]),
+            np.concatenate([b.text for b in aligned]),
+            np.concatenate([b.labels for b in aligned]),
+            tuple(vocabulary),
+            source="+".join(sorted({b.source for b in batches})),
+        )
+
+
+def make_batch(ids, image, text, labels, categories, source: str = "<memory>") -> Batch:
+    """Build a batch from array-likes, casting to the canonical dtypes before validation."""
+    try:
+        ids_arr = np.asarray(ids).astype(str)
+        image_arr = np.asarray(image, dtype=np.float32)
+        text_arr = np.asarray(text, dtype=np.float32)
+        labels_raw = np.asarray(labels)
+    except (TypeError, ValueError) as err:
+        raise BatchError(source, "arrays", f"cannot convert to arrays: {err}") from err
+    if labels_raw.size and not np.isin(labels_raw, (0, 1)).all():
+        raise BatchError(source, "labels", "must be multi-hot 0/1 values")
+    return Batch(ids_arr, image_arr, text_arr, labels_raw.astype(np.uint8),
+                 tuple(str(c) for c in categories), source=source)
+
+
+def labels_from_ids(label_ids, num_categories: int, source: str = "<memory>") -> np.ndarray:
+    """Multi-hot rows from integer label ids (one id per row, or a list per row)."""
+    rows = [np.atleast_1d(np.asarray(r)) for r in label_ids]
+    out = np.zeros((len(rows), num_categories), np.uint8)
+    for i, r in enumerate(rows):
+        if r.size and (not np.issubdtype(r.dtype, np.integer) or r.min() < 0 or r.max() >= num_categories):
+            raise BatchError(source, "labels", f"row {i}: label ids {r.tolist()} outside 0..{num_categories - 1}")
+        out[i, r] = 1
+    return out
+
+
+def _validate(b: Batch) -> None:
+    src = b.source
+    if b.ids.ndim != 1:
+        raise BatchError(src, "ids", f"expected 1-D, got shape {b.ids.shape}")
+    n = len(b.ids)
+    if n == 0:
+        raise BatchError(src, "ids", "empty batch (0 rows)")
+    if b.ids.dtype.kind != "U":
+        raise BatchError(src, "ids", f"expected strings, got dtype {b.ids.dtype}")
+    uniq, counts = np.unique(b.ids, return_counts=True)
+    if (counts > 1).any():
+        raise BatchError(src, "ids", f"duplicate ids: {uniq[counts > 1][:5].tolist()}")
+    if any(i == "" for i in b.ids[:]):
+        raise BatchError(src, "ids", "empty id string")
+    for name, arr, ndims in (("image", b.image, (2, 4)), ("text", b.text, (2,))):
+        if arr.ndim not in ndims:
+            raise BatchError(src, name, f"expected {' or '.join(map(str, ndims))}-D, got shape {arr.shape}")
+        if arr.shape[0] != n:
+            raise BatchError(src, name, f"{arr.shape[0]} rows but {n} ids")
+        if arr.dtype != np.float32:
+            raise BatchError(src, name, f"expected float32, got {arr.dtype}")
+        if arr.shape[1] == 0:
+            raise BatchError(src, name, "zero feature dimensions")
+        bad = ~np.isfinite(arr.reshape(n, -1)).all(axis=1)
+        if bad.any():
+            raise BatchError(src, name,
+                             f"{int(bad.sum())} rows with NaN or infinite values (first id {b.ids[bad][0]!r})")
+    if len(set(b.categories)) != len(b.categories) or not b.categories:
+        raise BatchError(src, "categories", f"must be non-empty and unique, got {list(b.categories)[:20]}")
+    if b.labels.shape != (n, len(b.categories)):
+        raise BatchError(src, "labels", f"expected shape ({n}, {len(b.categories)}), got {b.labels.shape}")
+    if b.labels.dtype != np.uint8 or b.labels.max() > 1:
+        raise BatchError(src, "labels", "must be uint8 multi-hot with values 0/1")
+    unlabeled = b.labels.sum(axis=1) == 0
+    if unlabeled.any():
+        raise BatchError(src, "labels",
+                         f"{int(unlabeled.sum())} rows without any label (first id {b.ids[unlabeled][0]!r})")
+
+
+def save_batch(batch: Batch, path: str | os.PathLike) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves a half-written batch."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(
+                fh, ids=batch.ids, image=batch.image, text=batch.text, labels=batch.labels,
+                categories=np.asarray(batch.categories, dtype=str),
+            )
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_batch(path: str | os.PathLike) -> Batch:
+    """Read and validate a batch file; any defect raises ``BatchError`` naming the file."""
+    src = str(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in FIELDS if k not in data.files]
+            if missing:
+                raise BatchError(src, missing[0], f"missing from file (has {sorted(data.files)})")
+            arrays = {k: data[k] for k in FIELDS}
+    except BatchError:
+        raise
+    except FileNotFoundError as err:
+        raise BatchError(src, "file", "does not exist") from err
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise BatchError(src, "file", f"corrupt or truncated npz: {err}") from err
+    return make_batch(arrays["ids"], arrays["image"], arrays["text"], arrays["labels"],
+                      arrays["categories"].tolist(), source=src)

@@ -1,0 +1,157 @@
+"""Run configuration: the single typed view of ``params.yaml``.
+
+Unknown keys are errors (``extra="forbid"``) so a typo in params fails loudly instead of being
+silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+METHOD_NAMES = ("joint", "finetune", "dlch", "ccmh_gam", "orthohash")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetConfig(_Strict):
+    """Where the items come from. ``npz``: a generic npz with named keys (the Wikipedia default);
+    ``dcmh_mat``: a folder of DCMH-style .mat files; ``synthetic``: the seeded generator."""
+
+    kind: Literal["npz", "dcmh_mat", "synthetic"] = "npz"
+    path: str = "data/wikipedia/wikipedia.npz"
+    name: str = "wikipedia"
+    image_key: str = "image_sift_bovw"
+    text_key: str = "text_tfidf"
+    labels_key: str = "category"
+    categories_key: str | None = "category_names"
+    ids_key: str | None = "text_id"
+    split_key: str | None = "split"
+    category_names: list[str] | None = None
+    query_size: int = Field(2000, gt=0)
+    # synthetic generator only
+    n_items: int = Field(6000, gt=0)
+    n_categories: int = Field(12, gt=1)
+    image_dim: int = Field(128, gt=0)
+    text_dim: int = Field(300, gt=0)
+    noise: float = Field(0.8, ge=0)
+
+
+class StagesConfig(_Strict):
+    """Category-incremental stages: explicit ``groups`` of category names, or the first ``base``
+    categories (in ``order``, default vocabulary order) then ``per_stage`` more per stage."""
+
+    groups: list[list[str]] | None = None
+    order: list[str] | None = None
+    base: int = Field(4, gt=0)
+    per_stage: int = Field(2, gt=0)
+
+
+class ModelConfig(_Strict):
+    bits: int = Field(64, ge=8, le=1024)
+    hidden: list[int] = Field(default_factory=lambda: [1024, 512])
+    dropout: float = Field(0.1, ge=0, lt=1)
+    image_encoder: Literal["mlp", "cnn"] = "mlp"
+
+    @model_validator(mode="after")
+    def _bits_multiple_of_8(self):
+        if self.bits % 8:
+            raise ValueError(f"bits must be a multiple of 8, got {self.bits}")
+        return self
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(40, gt=0)
+    lifelong_epochs: int = Field(40, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    lifelong_lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class OrthoHashConfig(_Strict):
+    scale: float = 8.0
+    margin: float = 0.2
+    min_distance: float = Field(0.6, gt=0, le=1)  # of K bits, relaxed until a row fits
+    distill: float = Field(1.0, ge=0)  # weight of the previous model's old-class logits (lifelong)
+    temperature: float = Field(2.0, gt=0)
+
+
+class DLCHConfig(_Strict):
+    alpha: float = 10.0  # outputs to their item's discrete code
+    beta: float = 1.0  # bit balance
+    gamma: float = 1.0  # graded pairwise terms of the base stage
+    old_sample: int = Field(2000, ge=0)  # frozen old codes drawn per lifelong epoch
+    dcc_iters: int = Field(3, gt=0)
+
+
+class CCMHGAMConfig(_Strict):
+    memory_per_stage: int = Field(200, ge=0)
+    label_epochs: int = Field(100, gt=0)
+    replay_weight: float = 1.0
+    projection: bool = True
+
+
+class MethodConfig(_Strict):
+    name: Literal["joint", "finetune", "dlch", "ccmh_gam", "orthohash"] = "dlch"
+    orthohash: OrthoHashConfig = OrthoHashConfig()
+    dlch: DLCHConfig = DLCHConfig()
+    ccmh_gam: CCMHGAMConfig = CCMHGAMConfig()
+
+
+class EvalConfig(_Strict):
+    map_at: list[int] = Field(default_factory=lambda: [50, 500])
+    precision_at: list[int] = Field(default_factory=lambda: [10, 100])
+
+
+class RunConfig(_Strict):
+    out_dir: str = "runs/wikipedia"
+
+
+class CompareConfig(_Strict):
+    methods: list[Literal["joint", "finetune", "dlch", "ccmh_gam", "orthohash"]] = Field(
+        default_factory=lambda: list(METHOD_NAMES))
+    out_dir: str = "runs/compare"
+
+
+class Params(_Strict):
+    seed: int = 0
+    dataset: DatasetConfig = DatasetConfig()
+    stages: StagesConfig = StagesConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    method: MethodConfig = MethodConfig()
+    eval: EvalConfig = EvalConfig()
+    run: RunConfig = RunConfig()
+    compare: CompareConfig = CompareConfig()
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
+    """Read params.yaml, apply dotted ``overrides`` ({"method.name": "dlch"}), validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: params file not found") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{path}: {err}") from err

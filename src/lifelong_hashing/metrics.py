@@ -1,0 +1,116 @@
+"""Retrieval and lifelong metrics (METHODS.md, "Metrics").
+
+Relevance: a database item is relevant to a query when they share at least one label.
+Ranking: by Hamming distance, ties broken by database position (DCMH's reference rule).
+Queries with no relevant item in the database are left out of every mean (their AP is undefined).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .codestore import hamming_distances, rank_by_distance
+
+_QUERY_BLOCK = 256
+
+
+def relevance(query_labels: np.ndarray, db_labels: np.ndarray) -> np.ndarray:
+    """(Q, N) bool: shares at least one label."""
+    return (query_labels.astype(np.float32) @ db_labels.T.astype(np.float32)) > 0
+
+
+def average_precisions(distances: np.ndarray, relevant: np.ndarray, top_r: int | None = None) -> np.ndarray:
+    """AP per query over the full ranking (``top_r=None``) or its first R items; NaN where the
+    query has no relevant item in that range. AP@R divides by the relevant items retrieved in the
+    top R (the hashing literature's convention, as in DCMH's ``calc_map_k``)."""
+    n = distances.shape[1]
+    r = n if top_r is None else min(top_r, n)
+    order = rank_by_distance(distances)[:, :r]
+    hits = np.take_along_axis(relevant, order, axis=1)
+    cum = np.cumsum(hits, axis=1, dtype=np.float64)
+    precision_at_hits = np.where(hits, cum / np.arange(1, r + 1), 0.0)
+    found = cum[:, -1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(found > 0, precision_at_hits.sum(axis=1) / found, np.nan)
+
+
+def _blocks(query_codes, db_codes, query_labels, db_labels):
+    for s in range(0, len(query_codes), _QUERY_BLOCK):
+        yield (hamming_distances(query_codes[s: s + _QUERY_BLOCK], db_codes),
+               relevance(query_labels[s: s + _QUERY_BLOCK], db_labels))
+
+
+def per_query_ap(query_codes, db_codes, query_labels, db_labels, top_r: int | None = None) -> np.ndarray:
+    """AP of each query (NaN when undefined), computed in blocks to bound memory."""
+    if len(query_codes) == 0:
+        return np.empty(0)
+    return np.concatenate([average_precisions(d, rel, top_r)
+                           for d, rel in _blocks(query_codes, db_codes, query_labels, db_labels)])
+
+
+def mean_average_precision(query_codes, db_codes, query_labels, db_labels, top_r: int | None = None) -> float:
+    """mAP@all (``top_r=None``) or mAP@R from packed codes."""
+    ap = per_query_ap(query_codes, db_codes, query_labels, db_labels, top_r)
+    return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
+
+
+def map_per_query_reference(query_codes, db_codes, query_labels, db_labels) -> float:
+    """The plain per-query loop of research code (float distances, argsort), used to check and
+    benchmark the fast path. Stable argsort gives the same tie rule: database position."""
+    aps = []
+    for q in range(len(query_codes)):
+        d = hamming_distances(query_codes[q: q + 1], db_codes)[0].astype(np.float64)
+        rel = (db_labels @ query_labels[q] > 0)[np.argsort(d, kind="stable")]
+        if not rel.any():
+            continue
+        ranks = np.flatnonzero(rel) + 1
+        aps.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
+    return float(np.mean(aps)) if aps else float("nan")
+
+
+def precision_at_k(query_codes, db_codes, query_labels, db_labels, k: int) -> float:
+    """Mean share of relevant items among the first k of the ranking."""
+    vals = []
+    for d, rel in _blocks(query_codes, db_codes, query_labels, db_labels):
+        order = rank_by_distance(d)[:, :k]
+        vals.append(np.take_along_axis(rel, order, axis=1).mean(axis=1))
+    return float(np.concatenate(vals).mean())
+
+
+def pr_curve(query_codes, db_codes, query_labels, db_labels, bits: int) -> dict[str, list[float]]:
+    """Precision and recall of a Hamming-ball lookup at every radius 0..bits, averaged over
+    queries (precision over the queries whose ball is non-empty at that radius)."""
+    hit_hist = np.zeros((0, bits + 1))
+    all_hist = np.zeros((0, bits + 1))
+    for d, rel in _blocks(query_codes, db_codes, query_labels, db_labels):
+        offs = (np.arange(len(d)) * (bits + 1))[:, None]
+        all_hist = np.vstack([all_hist, np.bincount((d + offs).ravel(), minlength=len(d) * (bits + 1))
+                              .reshape(len(d), bits + 1)])
+        hit_hist = np.vstack([hit_hist, np.bincount((d + offs)[rel], minlength=len(d) * (bits + 1))
+                              .reshape(len(d), bits + 1)])
+    retrieved, hits = np.cumsum(all_hist, axis=1), np.cumsum(hit_hist, axis=1)
+    has_rel = hits[:, -1] > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.nanmean(np.where(retrieved > 0, hits / retrieved, np.nan)[has_rel], axis=0)
+        recall = (hits[has_rel] / hits[has_rel, -1:]).mean(axis=0)
+    return {"radius": list(range(bits + 1)), "precision": np.nan_to_num(precision).round(6).tolist(),
+            "recall": recall.round(6).tolist()}
+
+
+def average_map(matrix: np.ndarray) -> np.ndarray:
+    """Mean of each stage row over the tasks seen so far (R[t][j] for j ≤ t)."""
+    return np.array([np.nanmean(matrix[t, : t + 1]) for t in range(len(matrix))])
+
+
+def forgetting(matrix: np.ndarray) -> np.ndarray:
+    """Per task j < T: the best mAP it ever had before the last stage minus its final mAP."""
+    last = len(matrix) - 1
+    return np.array([np.nanmax(matrix[j:last, j]) - matrix[last, j] for j in range(last)])
+
+
+def backward_transfer(matrix: np.ndarray) -> float:
+    """Mean over tasks j < T of R[T][j] − R[j][j] (negative: forgetting)."""
+    last = len(matrix) - 1
+    if last == 0:
+        return 0.0
+    return float(np.mean([matrix[last, j] - matrix[j, j] for j in range(last)]))

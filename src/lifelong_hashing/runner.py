@@ -1,0 +1,170 @@
+"""Run a stage sequence (``lhash run``), one stage from a saved state (``lhash stage``), and
+several methods on the same stages (``lhash compare``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .codestore import CodeStore
+from .config import Params
+from .datasets import load_dataset
+from .methods import Method
+from .metrics import (
+    average_map,
+    backward_transfer,
+    forgetting,
+    mean_average_precision,
+    per_query_ap,
+    pr_curve,
+    precision_at_k,
+)
+from .report import format_table
+from .stages import StagePlan, plan_stages
+from .state import RunState, load_state, new_state, save_state
+
+DIRECTIONS = {"i2t": ("image", "text"), "t2i": ("text", "image")}  # query modality, database side
+
+
+def build_plan(params: Params) -> StagePlan:
+    return plan_stages(load_dataset(params.dataset, params.seed), params.stages)
+
+
+def evaluate_stage(method: Method, store: CodeStore, plan: StagePlan, t: int, params: Params) -> dict:
+    """Retrieval quality after stage t, both directions: per-task mAP (a row of the stage×task
+    matrix) and, over all answerable queries, mAP@all, mAP@R and precision@k."""
+    queries, task = plan.queries_at(t)
+    out = {}
+    for direction, (query_side, db_side) in DIRECTIONS.items():
+        q_codes = method.encode(query_side, getattr(queries, query_side))
+        db_codes = store.codes[db_side]
+        ap = per_query_ap(q_codes, db_codes, queries.labels, store.labels)
+        scores = {
+            "map_all": float(np.nanmean(ap)),
+            "task_map": [float(np.nanmean(ap[task == j])) for j in range(t + 1)],
+            "queries": int(len(queries)),
+        }
+        for r in params.eval.map_at:
+            scores[f"map_at_{r}"] = mean_average_precision(q_codes, db_codes, queries.labels, store.labels, r)
+        for k in params.eval.precision_at:
+            scores[f"precision_at_{k}"] = precision_at_k(q_codes, db_codes, queries.labels, store.labels, k)
+        out[direction] = scores
+    return out
+
+
+def run_stage(state: RunState, plan: StagePlan) -> dict:
+    """Train the next stage, evaluate it and append its record to the state's history."""
+    t = state.stage + 1
+    if t >= len(plan.stages):
+        raise ValueError(f"all {len(plan.stages)} stages are done")
+    result = state.method.learn(plan.stages[t], state.store)
+    record = {**vars(result), "database_size": len(state.store),
+              **evaluate_stage(state.method, state.store, plan, t, state.params)}
+    state.history.append(record)
+    return record
+
+
+def summarize(state: RunState, plan: StagePlan) -> dict:
+    """The metrics.json of a run: per-stage records, the stage×task matrices and their summaries."""
+    history = state.history
+    summary: dict = {"method": state.method.name, "dataset": state.params.dataset.name,
+                     "bits": state.params.model.bits, "device": history[-1]["device"], "stages": history}
+    n = len(history)
+    for direction in DIRECTIONS:
+        matrix = np.full((n, n), np.nan)
+        for t, rec in enumerate(history):
+            matrix[t, : t + 1] = rec[direction]["task_map"]
+        avg = average_map(matrix)
+        forget = forgetting(matrix)
+        summary[direction] = {
+            "matrix": [[None if np.isnan(v) else round(float(v), 6) for v in row] for row in matrix],
+            "average_map": avg.round(6).tolist(),
+            "final_average_map": float(avg[-1]),
+            "forgetting": forget.round(6).tolist(),
+            "mean_forgetting": float(forget.mean()) if len(forget) else 0.0,
+            "backward_transfer": backward_transfer(matrix),
+        }
+    summary["total_train_seconds"] = float(sum(r["train_seconds"] for r in history))
+    summary["total_codes_rewritten"] = int(sum(r["codes_rewritten"] for r in history))
+    queries, _ = plan.queries_at(n - 1)
+    bits = state.params.model.bits
+    summary["pr_curve"] = {
+        d: pr_curve(state.method.encode(q, getattr(queries, q)), state.store.codes[db], queries.labels,
+                    state.store.labels, bits)
+        for d, (q, db) in DIRECTIONS.items()}
+    return summary
+
+
+def stage_table(summary: dict) -> str:
+    rows = []
+    for rec in summary["stages"]:
+        rows.append([rec["stage"], ",".join(rec["new_categories"]), rec["items_added"], rec["database_size"],
+                     f"{rec['train_seconds']:.1f}", rec["codes_rewritten"],
+                     f"{rec['i2t']['map_all']:.4f}", f"{rec['t2i']['map_all']:.4f}"])
+    head = ["stage", "new categories", "items", "database", "train s", "rewritten", "mAP I→T", "mAP T→I"]
+    text = format_table(head, rows)
+    for d, name in (("i2t", "I→T"), ("t2i", "T→I")):
+        s = summary[d]
+        text += (f"\n{name}: final average mAP {s['final_average_map']:.4f}, mean forgetting "
+                 f"{s['mean_forgetting']:.4f}, backward transfer {s['backward_transfer']:.4f}")
+    return text
+
+
+def write_outputs(summary: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "table.md").write_text(stage_table(summary) + "\n")
+
+
+def run_sequence(params: Params, out_dir: str | Path, *, quiet: bool = False) -> dict:
+    """Every stage in one process, saving the state after each so a crash loses one stage at most."""
+    out_dir = Path(out_dir)
+    plan = build_plan(params)
+    first = plan.stages[0].batch
+    state = new_state(params, first.image.shape[1:], first.text.shape[1])
+    for _ in tqdm(plan.stages, desc=f"{params.method.name} stages", disable=quiet or None):
+        run_stage(state, plan)
+        save_state(state, out_dir / "state")
+    summary = summarize(state, plan)
+    write_outputs(summary, out_dir)
+    return summary
+
+
+def resume_stage(params: Params, state_dir: str | Path) -> dict:
+    """Run the next stage from a state directory in this (fresh) process and save it back."""
+    state_dir = Path(state_dir)
+    plan = build_plan(params)
+    if (state_dir / "state.json").exists():
+        state = load_state(state_dir)
+    else:
+        first = plan.stages[0].batch
+        state = new_state(params, first.image.shape[1:], first.text.shape[1])
+    record = run_stage(state, plan)
+    save_state(state, state_dir)
+    if state.stage == len(plan.stages) - 1:
+        write_outputs(summarize(state, plan), state_dir.parent)
+    return record
+
+
+def compare(params: Params, methods: list[str], out_dir: str | Path, *, quiet: bool = False) -> dict:
+    """Each method on the same stages; one row per method."""
+    out_dir = Path(out_dir)
+    rows, results = [], {}
+    for name in methods:
+        run_params = params.model_copy(update={"method": params.method.model_copy(update={"name": name})})
+        s = run_sequence(run_params, out_dir / name, quiet=quiet)
+        results[name] = s
+        rows.append([name, f"{s['i2t']['final_average_map']:.4f}", f"{s['t2i']['final_average_map']:.4f}",
+                     f"{s['i2t']['mean_forgetting']:.4f}", f"{s['t2i']['mean_forgetting']:.4f}",
+                     f"{s['total_train_seconds']:.1f}", s["total_codes_rewritten"]])
+    head = ["method", "avg mAP I→T", "avg mAP T→I", "forgetting I→T", "forgetting T→I", "train s", "codes rewritten"]
+    table = format_table(head, rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "compare.md").write_text(table + "\n")
+    (out_dir / "compare.json").write_text(json.dumps(
+        {name: {k: v for k, v in s.items() if k not in ("stages", "pr_curve")} for name, s in results.items()},
+        indent=2))
+    return {"table": table, "results": results}

@@ -1,0 +1,82 @@
+"""Everything that carries over between stages, in one directory, so a stage can run in a fresh
+process: method weights and memory (``model/``), the code store (``codes.npz``) and the run's
+history (``state.json``: params, vocabulary, per-stage results and mAP rows).
+
+Saving is atomic: the new state is written beside the old one and swapped in with renames, so
+a crash mid-save leaves the last good state in place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .codestore import CodeStore
+from .config import Params
+from .methods import Method, create_method
+
+
+class StateError(ValueError):
+    pass
+
+
+@dataclass
+class RunState:
+    params: Params
+    method: Method
+    store: CodeStore
+    history: list[dict] = field(default_factory=list)  # one record per completed stage
+
+    @property
+    def stage(self) -> int:
+        return self.method.stage
+
+
+def new_state(params: Params, image_shape: tuple[int, ...], text_dim: int) -> RunState:
+    method = create_method(params.method.name, params, image_shape, text_dim)
+    return RunState(params, method, CodeStore(params.model.bits))
+
+
+def save_state(state: RunState, directory: str | Path) -> Path:
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.new-"))
+    try:
+        state.method.save(tmp / "model")
+        state.store.save(tmp / "codes.npz")
+        record = {"project_version": __version__, "method": state.method.name, "stage": state.stage,
+                  "categories": list(state.method.categories), "bits": state.params.model.bits,
+                  "params": state.params.model_dump(), "history": state.history}
+        (tmp / "state.json").write_text(json.dumps(record, indent=2))
+        old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_state(directory: str | Path) -> RunState:
+    directory = Path(directory)
+    try:
+        record = json.loads((directory / "state.json").read_text())
+        params = Params.model_validate(record["params"])
+        meta = json.loads((directory / "model" / "method.json").read_text())
+    except FileNotFoundError as err:
+        raise StateError(f"{directory}: not a state directory (missing {Path(err.filename).name})") from err
+    except (json.JSONDecodeError, KeyError, ValueError) as err:
+        raise StateError(f"{directory}: unreadable state: {err}") from err
+    method = create_method(record["method"], params, tuple(meta["image_shape"]), meta["text_dim"])
+    method.restore(directory / "model")
+    store = CodeStore.load(directory / "codes.npz")
+    if len(store.categories) != len(method.categories):
+        raise StateError(f"{directory}: code store and model disagree on the vocabulary")
+    return RunState(params, method, store, record["history"])

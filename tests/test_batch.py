@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+
+from lifelong_hashing.batch import Batch, BatchError, labels_from_ids, load_batch, make_batch, save_batch
+
+
+def _batch(n=5, source="<memory>"):
+    rng = np.random.default_rng(0)
+    labels = np.eye(3, dtype=np.uint8)[rng.integers(3, size=n)]
+    return make_batch([f"id{i}" for i in range(n)], rng.random((n, 4)), rng.random((n, 6)), labels,
+                      ["a", "b", "c"], source=source)
+
+
+def test_round_trip_keeps_every_field(tmp_path):
+    b = _batch()
+    back = load_batch(save_batch(b, tmp_path / "b.npz"))
+    assert back.categories == b.categories
+    for field in ("ids", "image", "text", "labels"):
+        np.testing.assert_array_equal(getattr(back, field), getattr(b, field))
+    assert back.image.dtype == np.float32 and back.labels.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        (lambda a: a.update(image=np.ones((4, 4))), "image", "4 rows but 5 ids"),
+        (lambda a: a.update(text=np.ones((5,))), "text", "expected 2-D"),
+        (lambda a: a.update(image=np.where(np.eye(5, 4) > 0, np.nan, 1.0)), "image", "NaN"),
+        (lambda a: a.update(text=np.full((5, 6), np.inf)), "text", "NaN or infinite"),
+        (lambda a: a.update(labels=np.full((5, 3), 2)), "labels", "0/1"),
+        (lambda a: a.update(labels=np.zeros((5, 3))), "labels", "without any label"),
+        (lambda a: a.update(labels=np.ones((5, 2))), "labels", "expected shape (5, 3)"),
+        (lambda a: a.update(ids=["x"] * 5), "ids", "duplicate ids"),
+        (lambda a: a.update(categories=["a", "a", "c"]), "categories", "unique"),
+    ],
+)
+def test_bad_fields_raise_naming_the_field(change, field, words):
+    b = _batch()
+    args = {"ids": b.ids, "image": b.image, "text": b.text, "labels": b.labels, "categories": b.categories}
+    change(args)
+    with pytest.raises(BatchError) as err:
+        make_batch(**args, source="incoming/x.npz")
+    assert err.value.field == field and words in str(err.value) and "incoming/x.npz" in str(err.value)
+
+
+def test_empty_batch_is_rejected():
+    with pytest.raises(BatchError, match="empty batch"):
+        make_batch([], np.zeros((0, 4)), np.zeros((0, 6)), np.zeros((0, 3)), ["a", "b", "c"])
+
+
+def test_unknown_label_ids_are_named():
+    assert labels_from_ids([0, 2, [0, 1]], 3).tolist() == [[1, 0, 0], [0, 0, 1], [1, 1, 0]]
+    with pytest.raises(BatchError, match=r"row 1: label ids \[7\] outside 0..2"):
+        labels_from_ids([0, 7], 3)
+
+
+def test_corrupt_truncated_and_incomplete_files(tmp_path):
+    path = save_batch(_batch(), tmp_path / "good.npz")
+    data = path.read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip file at all")
+    np.savez(tmp_path / "incomplete.npz", ids=np.array(["a"]), image=np.ones((1, 2), np.float32))
+    for name, words in (("truncated", "corrupt or truncated"), ("garbage", "corrupt or truncated"),
+                        ("incomplete", "missing from file"), ("absent", "does not exist")):
+        with pytest.raises(BatchError, match=words) as err:
+            load_batch(tmp_path / f"{name}.npz")
+        assert f"{name}.npz" in str(err.value)
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    target = save_batch(_batch(3), tmp_path / "b.npz")
+    before = target.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez_compressed", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_batch(_batch(5), target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.npz"]
+
+
+def test_vocabulary_growth_and_concat():
+    a = _batch(3)
+    b = make_batch(["n1"], np.ones((1, 4)), np.ones((1, 6)), [[0, 1]], ["c", "d"])
+    both = Batch.concat([a, b])
+    assert both.categories == ("a", "b", "c", "d")
+    assert both.labels[-1].tolist() == [0, 0, 0, 1] and both.labels[:3, :3].tolist() == a.labels.tolist()
+    with pytest.raises(BatchError, match="unknown to the vocabulary"):
+        b.with_categories(("a", "b", "c"))
