@@ -21,8 +21,8 @@ def small_params(method: str = "dlch", **overrides) -> Params:
         "stages": {"base": 4, "per_stage": 2},
         "model": {"bits": 32, "hidden": [64], "dropout": 0.0},
         "train": {"epochs": 12, "lifelong_epochs": 8, "batch_size": 64, "device": "cpu"},
-        "method": {"name": method, "dlch": {"old_sample": 200}, "ccmh_gam": {"memory_per_stage": 30,
-                                                                          "label_epochs": 30}},
+        "method": {"name": method, "memory_per_category": 10, "dlch": {"old_sample": 200},
+                   "ccmh_gam": {"label_epochs": 60}},
         "eval": {"map_at": [50], "precision_at": [10]},
     }
     for dotted, value in overrides.items():

@@ -92,14 +92,15 @@ class DLCHConfig(_Strict):
 
 
 class CCMHGAMConfig(_Strict):
-    memory_per_stage: int = Field(200, ge=0)
-    label_epochs: int = Field(100, gt=0)
+    label_epochs: int = Field(300, gt=0)
+    label_lr: float = Field(1e-2, gt=0)  # the label network is tiny and sees few distinct vectors
     replay_weight: float = 1.0
     projection: bool = True
 
 
 class MethodConfig(_Strict):
     name: Literal["joint", "finetune", "dlch", "ccmh_gam", "orthohash"] = "dlch"
+    memory_per_category: int = Field(20, ge=0)  # exemplars the lifelong methods keep per category
     orthohash: OrthoHashConfig = OrthoHashConfig()
     dlch: DLCHConfig = DLCHConfig()
     ccmh_gam: CCMHGAMConfig = CCMHGAMConfig()

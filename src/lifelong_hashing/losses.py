@@ -54,10 +54,17 @@ def graded_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.normalize(a.float(), dim=1) @ F.normalize(b.float(), dim=1).T
 
 
-def pairwise_cosine_loss(a: torch.Tensor, b: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
-    """DLCH's J(a, b): mean over pairs of (relu(cos(a_i, b_j)) − S_ij)²."""
+def pairwise_cosine_loss(a: torch.Tensor, b: torch.Tensor, similarity: torch.Tensor,
+                         rectify: bool = True) -> torch.Tensor:
+    """DLCH's J(a, b): mean over pairs of (relu(cos(a_i, b_j)) − S_ij)². Without ``rectify``
+    dissimilar pairs are pulled to cosine 0 exactly (K/2 bits apart) instead of anywhere ≤ 0."""
     cos = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
-    return ((F.relu(cos) - similarity) ** 2).mean()
+    return (((F.relu(cos) if rectify else cos) - similarity) ** 2).mean()
+
+
+def straight_through_sign(h: torch.Tensor) -> torch.Tensor:
+    """sign(h) forward, identity backward: lets a loss see the binary code it will produce."""
+    return h + (torch.sign(h) - h).detach()
 
 
 def bit_balance(u: torch.Tensor) -> torch.Tensor:

@@ -90,10 +90,12 @@ def pr_curve(query_codes, db_codes, query_labels, db_labels, bits: int) -> dict[
                               .reshape(len(d), bits + 1)])
     retrieved, hits = np.cumsum(all_hist, axis=1), np.cumsum(hit_hist, axis=1)
     has_rel = hits[:, -1] > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.nanmean(np.where(retrieved > 0, hits / retrieved, np.nan)[has_rel], axis=0)
-        recall = (hits[has_rel] / hits[has_rel, -1:]).mean(axis=0)
-    return {"radius": list(range(bits + 1)), "precision": np.nan_to_num(precision).round(6).tolist(),
+    retrieved, hits = retrieved[has_rel], hits[has_rel]
+    nonempty = retrieved > 0
+    precision = (np.divide(hits, retrieved, out=np.zeros_like(hits), where=nonempty).sum(axis=0)
+                 / np.maximum(nonempty.sum(axis=0), 1))
+    recall = (hits / hits[:, -1:]).mean(axis=0)
+    return {"radius": list(range(bits + 1)), "precision": precision.round(6).tolist(),
             "recall": recall.round(6).tolist()}
 
 

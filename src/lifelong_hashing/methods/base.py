@@ -74,7 +74,6 @@ class Method:
     """Base class: encoders, vocabulary, code writing, training loop, save/load."""
 
     name: ClassVar[str]
-    state_arrays: ClassVar[tuple[str, ...]] = ()  # numpy attributes saved with the state
 
     def __init__(self, params: Params, image_shape: tuple[int, ...], text_dim: int):
         self.params = params
@@ -93,6 +92,13 @@ class Method:
 
     def on_new_categories(self, old_count: int, new_count: int) -> None:
         """Grow label-sized parts (codebook rows, label-net inputs)."""
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Numpy state saved beside the weights (codebook, memory, label-code pairs)."""
+        return {}
+
+    def load_arrays(self, arrays) -> None:
+        """Inverse of ``arrays``."""
 
     def nets(self) -> dict[str, nn.Module]:
         return {"image": self.image_net, "text": self.text_net}
@@ -170,13 +176,15 @@ class Method:
 
     def run_epochs(self, modules: list[nn.Module], n_items: int, epochs: int, lr: float,
                    step: Callable[[torch.Tensor], torch.Tensor], *, freeze_batchnorm: bool = False,
-                   end_of_epoch: Callable[[], None] | None = None, desc: str = "") -> float:
+                   end_of_epoch: Callable[[], None] | None = None, sample_weights: np.ndarray | None = None,
+                   desc: str = "") -> float:
         """The shared loop: Adam, seeded shuffles, lr ×0.1 at 80 % of epochs (OrthoHash's
         schedule). ``step(idx)`` computes the loss of a minibatch and calls backward itself, so a
         method can shape gradients (CCMH-GAM's projection) before the optimizer steps.
 
         ``freeze_batchnorm`` keeps batch-norm statistics fixed: in a lifelong stage, letting them
-        drift to the new batch would silently change every old query's code."""
+        drift to the new batch would silently change every old query's code. ``sample_weights``
+        draws each epoch's rows with replacement in proportion to them (class balancing)."""
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=lr, weight_decay=self.params.train.weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, int(0.8 * epochs))], 0.1)
@@ -191,7 +199,12 @@ class Method:
                         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
                             mod.eval()
             total, count = 0.0, 0
-            for idx in torch.randperm(n_items, generator=gen).split(bs):
+            if sample_weights is None:
+                order = torch.randperm(n_items, generator=gen)
+            else:
+                order = torch.multinomial(torch.as_tensor(sample_weights, dtype=torch.float64), n_items,
+                                          replacement=True, generator=gen)
+            for idx in order.split(bs):
                 if len(idx) < 2 <= n_items:  # batch-norm needs two rows
                     continue
                 opt.zero_grad(set_to_none=True)
@@ -211,7 +224,7 @@ class Method:
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         torch.save({k: m.state_dict() for k, m in self.nets().items()}, directory / "weights.pt")
-        np.savez(directory / "method_state.npz", **{k: getattr(self, k) for k in self.state_arrays})
+        np.savez(directory / "method_state.npz", **self.arrays())
         meta = {"method": self.name, "stage": self.stage, "categories": list(self.categories),
                 "image_shape": list(self.image_shape), "text_dim": self.text_dim, "bits": self.bits}
         (directory / "method.json").write_text(json.dumps(meta, indent=2))
@@ -224,7 +237,6 @@ class Method:
             m.load_state_dict(weights[k])
             m.eval()
         with np.load(directory / "method_state.npz", allow_pickle=False) as arrays:
-            for k in self.state_arrays:
-                setattr(self, k, arrays[k])
+            self.load_arrays(arrays)
         self.stage = int(meta["stage"])
 

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from ..batch import Batch
 from ..codestore import CodeStore
-from ..losses import bit_balance, graded_similarity, pairwise_cosine_loss
+from ..losses import bit_balance, graded_similarity, pairwise_cosine_loss, straight_through_sign
 from .base import GrowingLabelNet, Method
+from .memory import ExemplarMemory
 
 _SELECTION_CANDIDATES = 2000
 
@@ -61,22 +62,27 @@ def _set_grad(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
 
 class CCMHGAM(Method):
     name = "ccmh_gam"
-    state_arrays = ("pair_labels", "pair_codes", "memory_image", "memory_text", "memory_codes")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.label_net = GrowingLabelNet(self.bits).to(self.device)
         self.pair_labels = np.zeros((0, 0), np.float32)
         self.pair_codes = np.zeros((0, self.bits), np.float32)
-        self.memory_image = np.zeros((0, *self.image_shape), np.float32)
-        self.memory_text = np.zeros((0, self.text_dim), np.float32)
-        self.memory_codes = np.zeros((0, self.bits), np.float32)
+        self.memory = ExemplarMemory.empty(self.image_shape, self.text_dim, self.bits)
 
     def nets(self):
         return {**super().nets(), "label": self.label_net}
 
+    def arrays(self):
+        return {"pair_labels": self.pair_labels, "pair_codes": self.pair_codes, **self.memory.arrays()}
+
+    def load_arrays(self, arrays):
+        self.pair_labels, self.pair_codes = arrays["pair_labels"], arrays["pair_codes"]
+        self.memory.load_arrays(arrays)
+
     def on_new_categories(self, old_count: int, new_count: int) -> None:
         self.label_net.grow(new_count)
+        self.memory.grow_labels(new_count)
         grown = np.zeros((len(self.pair_labels), new_count), np.float32)
         grown[:, : self.pair_labels.shape[1]] = self.pair_labels
         self.pair_labels = grown
@@ -97,17 +103,21 @@ class CCMHGAM(Method):
         s_old = graded_similarity(labels, old_labels) if len(old_labels) else None
 
         def step(idx):
+            # The pairwise terms see both the continuous outputs and, through a straight-through
+            # sign, the binary codes: cosine geometry alone does not survive the sign.
             h = torch.tanh(self.label_net(labels[idx]))
-            loss = pairwise_cosine_loss(h, h, s_new[idx][:, idx]) + ((h.sign().detach() - h) ** 2).mean()
-            loss = loss + bit_balance(h)
+            loss = bit_balance(h)
+            for u in (h, straight_through_sign(h)):
+                loss = loss + pairwise_cosine_loss(u, u, s_new[idx][:, idx], rectify=False)
+                if s_old is not None:
+                    loss = loss + pairwise_cosine_loss(u, old_codes, s_old[idx], rectify=False)
             if s_old is not None:
-                loss = loss + pairwise_cosine_loss(h, old_codes, s_old[idx])
                 kept = torch.tanh(self.label_net(old_labels))
                 loss = loss + cfg.replay_weight * ((kept - old_codes) ** 2).mean()
             loss.backward()
             return loss.detach()
 
-        self.run_epochs([self.label_net], len(unique), cfg.label_epochs, self.params.train.lr, step,
+        self.run_epochs([self.label_net], len(unique), cfg.label_epochs, cfg.label_lr, step,
                         desc=f"ccmh_gam labels {t}")
         with torch.no_grad():
             codes = torch.where(self.label_net(labels) >= 0, 1.0, -1.0).cpu().numpy()
@@ -121,13 +131,13 @@ class CCMHGAM(Method):
         """Step 2: encoders to semantic codes; memory replay with gradient projection after t=0."""
         cfg, train = self.params.method.ccmh_gam, self.params.train
         x_img, x_txt, codes = self.tensor(batch.image), self.tensor(batch.text), self.tensor(targets)
-        lifelong = t > 0 and len(self.memory_codes) > 0
+        lifelong = t > 0 and len(self.memory) > 0
         if t == 0:
             self.image_net.set_normalization(x_img)
             self.text_net.set_normalization(x_txt)
         params = [p for m in (self.image_net, self.text_net) for p in m.parameters()]
-        mem_img, mem_txt = self.tensor(self.memory_image), self.tensor(self.memory_text)
-        mem_codes = self.tensor(self.memory_codes)
+        mem_img, mem_txt = self.tensor(self.memory.image), self.tensor(self.memory.text)
+        mem_codes = self.tensor(self.memory.codes)
         gen = torch.Generator().manual_seed(self.params.seed * 31 + t)
 
         def loss_on(xi, xt, c):
@@ -156,8 +166,9 @@ class CCMHGAM(Method):
                                freeze_batchnorm=t > 0, desc=f"ccmh_gam stage {t}")
 
     def _remember(self, batch: Batch, targets: np.ndarray) -> None:
-        """Add the stage's gradient-matching exemplars to the memory."""
-        count = self.params.method.ccmh_gam.memory_per_stage
+        """Add the stage's gradient-matching exemplars (a few per category) to the memory."""
+        present = int((batch.labels.sum(axis=0) > 0).sum())
+        count = self.params.method.memory_per_category * present
         if count == 0:
             return
         rng = np.random.default_rng([self.params.seed, self.stage + 1])
@@ -172,6 +183,4 @@ class CCMHGAM(Method):
             delta = h.grad
             kernel += ((delta @ delta.T) * (z @ z.T)).double().cpu().numpy()
         chosen = pool[herding_selection(kernel, count)]
-        self.memory_image = np.concatenate([self.memory_image, batch.image[chosen]])
-        self.memory_text = np.concatenate([self.memory_text, batch.text[chosen]])
-        self.memory_codes = np.concatenate([self.memory_codes, targets[chosen].astype(np.float32)])
+        self.memory.add(batch, chosen, targets[chosen])

@@ -4,10 +4,12 @@ Base stage: image, text and label networks trained with DLCH's graded pairwise t
 J(a, b) = mean (relu(cos(a_i, b_j)) − S_ij)², S_ij = cos(l_i, l_j), a quantization term to
 per-item codes B = sign(F + G + L) refreshed each epoch, and bit balance.
 
-Lifelong stage: only the new batch is trained. A sample of the *frozen* stored database codes
-takes part in the loss: each new output u_i is pulled to (u_i · b_j)/K ≈ S_ij against old codes
-b_j and against the new items' own discrete codes V, which are solved by discrete cyclic
-coordinate descent (DCC, as in ADSH/DIHN) every epoch; α ties outputs to V; β balances bits.
+Lifelong stage: the new batch is trained with a small memory of old items. A sample of the
+*frozen* stored database codes takes part in the loss: every output u_i is pulled to
+(u_i · b_j)/K ≈ S_ij against old codes b_j and against the new items' own discrete codes V,
+solved by discrete cyclic coordinate descent (DCC, as in ADSH/DIHN) every epoch; α ties each
+output to its item's code: V for new items, the frozen stored code for memory items; β balances
+bits.
 
 Our choices where the description is silent or slipped (all documented in METHODS.md):
 - every term is scaled by 1/K (inner products) so the weights stay comparable across code
@@ -16,7 +18,11 @@ Our choices where the description is silent or slipped (all documented in METHOD
   position (the two slips of the reference code);
 - the image–text pairwise term of the base stage is kept in lifelong stages so the two modalities
   of new items stay aligned;
-- database codes are sign(F + G), one code per item, stored for both modalities.
+- database codes are sign(F + G), one code per item, stored for both modalities;
+- the "sample of old database items" keeps its features in a class-balanced memory of a few items
+  per category, so the stored codes of old items can act as fixed targets for their outputs:
+  without it nothing ties the encoders to old inputs and old queries drift away from their codes;
+  rows are drawn class-balanced so the few memory items are not swamped by the new batch.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from ..batch import Batch
 from ..codestore import CodeStore, pack_codes, unpack_codes
 from ..losses import bit_balance, graded_similarity, pairwise_cosine_loss
 from .base import GrowingLabelNet, Method
+from .memory import ExemplarMemory, balanced_sample, class_balanced_weights
 
 
 def dcc_codes(anchors: torch.Tensor, similarity: torch.Tensor, outputs: torch.Tensor,
@@ -53,25 +60,39 @@ class DLCH(Method):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.label_net = GrowingLabelNet(self.bits).to(self.device)
+        self.memory = ExemplarMemory.empty(self.image_shape, self.text_dim, self.bits)
 
     def nets(self):
         return {**super().nets(), "label": self.label_net}
 
+    def arrays(self):
+        return self.memory.arrays()
+
+    def load_arrays(self, arrays):
+        self.memory.load_arrays(arrays)
+
     def on_new_categories(self, old_count: int, new_count: int) -> None:
         self.label_net.grow(new_count)
+        self.memory.grow_labels(new_count)
 
     def database_codes(self, batch: Batch) -> dict[str, np.ndarray]:
-        joint = pack_codes(self.continuous("image", batch.image) + self.continuous("text", batch.text))
+        joint = pack_codes(self._joint_outputs(batch.image, batch.text))
         return {"image": joint, "text": joint.copy()}
 
-    def _outputs(self, x_img, x_txt):
-        """tanh outputs of both encoders over a whole batch, in eval mode, without gradients."""
-        with torch.no_grad():
-            return (torch.tanh(self.tensor(self.continuous("image", x_img))),
-                    torch.tanh(self.tensor(self.continuous("text", x_txt))))
+    def _joint_outputs(self, image: np.ndarray, text: np.ndarray) -> np.ndarray:
+        return self.continuous("image", image) + self.continuous("text", text)
+
+    def _outputs(self, image: np.ndarray, text: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """tanh outputs of both encoders over whole arrays, in eval mode, without gradients."""
+        return (torch.tanh(self.tensor(self.continuous("image", image))),
+                torch.tanh(self.tensor(self.continuous("text", text))))
 
     def train_stage(self, batch: Batch, t: int, store: CodeStore) -> float:
-        return self._base_stage(batch, t) if t == 0 else self._lifelong_stage(batch, t, store)
+        loss = self._base_stage(batch, t) if t == 0 else self._lifelong_stage(batch, t, store)
+        rows = balanced_sample(batch, self.params.method.memory_per_category, [self.params.seed, t])
+        codes = np.where(self._joint_outputs(batch.image[rows], batch.text[rows]) > 0, 1.0, -1.0)
+        self.memory.add(batch, rows, codes)  # exactly the codes the store receives for these items
+        return loss
 
     def _base_stage(self, batch: Batch, t: int) -> float:
         cfg, train = self.params.method.dlch, self.params.train
@@ -101,28 +122,31 @@ class DLCH(Method):
                                train.lr, step, end_of_epoch=refresh_codes, desc=f"dlch stage {t}")
 
     def _lifelong_stage(self, batch: Batch, t: int, store: CodeStore) -> float:
-        cfg, train = self.params.method.dlch, self.params.train
-        x_img, x_txt, labels = self.tensor(batch.image), self.tensor(batch.text), self.tensor(batch.labels)
+        cfg, train, mem = self.params.method.dlch, self.params.train, self.memory
+        n_new, k = len(batch), float(self.bits)
+        image, text = np.concatenate([batch.image, mem.image]), np.concatenate([batch.text, mem.text])
+        x_img, x_txt = self.tensor(image), self.tensor(text)
+        labels = self.tensor(np.concatenate([batch.labels.astype(np.float32), mem.labels]))
         rng = np.random.default_rng([self.params.seed, t])
         rows = np.sort(rng.choice(len(store), size=min(cfg.old_sample, len(store)), replace=False))
         old_codes = self.tensor(unpack_codes(store.codes["image"][rows], self.bits))
         old_labels = np.zeros((len(rows), len(self.categories)), np.float32)
         old_labels[:, : store.labels.shape[1]] = store.labels[rows]
         s_old = graded_similarity(labels, self.tensor(old_labels))
-        s_new = graded_similarity(labels, labels)
-        omega = torch.as_tensor(np.sort(rng.choice(len(batch), size=min(cfg.old_sample, len(batch)),
-                                                   replace=False)), device=self.device)
+        s_all = graded_similarity(labels, labels)
+        omega = torch.as_tensor(np.sort(rng.choice(n_new, size=min(cfg.old_sample, n_new), replace=False)),
+                                device=self.device)
         f, g = self._outputs(batch.image, batch.text)
-        new_codes = torch.where(f + g >= 0, 1.0, -1.0)
-        k = float(self.bits)
+        # Targets per trained item: DCC codes for new items (refreshed), frozen codes for memory.
+        targets = torch.cat([torch.where(f + g >= 0, 1.0, -1.0), self.tensor(mem.codes)])
 
         def step(idx):
             f, g = torch.tanh(self.image_net(x_img[idx])), torch.tanh(self.text_net(x_txt[idx]))
-            loss = cfg.gamma * pairwise_cosine_loss(f, g, s_new[idx][:, idx])
+            loss = cfg.gamma * pairwise_cosine_loss(f, g, s_all[idx][:, idx])
             for u in (f, g):
                 loss = loss + ((u @ old_codes.T / k - s_old[idx]) ** 2).mean()
-                loss = loss + ((u @ new_codes[omega].T / k - s_new[idx][:, omega]) ** 2).mean()
-                loss = loss + cfg.alpha * ((new_codes[idx] - u) ** 2).mean() / k + cfg.beta * bit_balance(u)
+                loss = loss + ((u @ targets[omega].T / k - s_all[idx][:, omega]) ** 2).mean()
+                loss = loss + cfg.alpha * ((targets[idx] - u) ** 2).mean() / k + cfg.beta * bit_balance(u)
             loss.backward()
             return loss.detach()
 
@@ -130,9 +154,9 @@ class DLCH(Method):
             f, g = self._outputs(batch.image, batch.text)
             u = (f + g) / 2
             anchors = torch.cat([old_codes, u[omega]])
-            sim = torch.cat([s_old, s_new[:, omega]], dim=1)
-            new_codes.copy_(dcc_codes(anchors, sim, u, cfg.alpha, cfg.dcc_iters))
+            sim = torch.cat([s_old[:n_new], s_all[:n_new][:, omega]], dim=1)
+            targets[:n_new] = dcc_codes(anchors, sim, u, cfg.alpha, cfg.dcc_iters)
 
-        return self.run_epochs([self.image_net, self.text_net], len(batch), train.lifelong_epochs,
+        return self.run_epochs([self.image_net, self.text_net], len(image), train.lifelong_epochs,
                                train.lifelong_lr, step, freeze_batchnorm=True, end_of_epoch=solve_new_codes,
-                               desc=f"dlch stage {t}")
+                               sample_weights=class_balanced_weights(labels.cpu().numpy()), desc=f"dlch stage {t}")

@@ -19,27 +19,31 @@ from ..codestore import CodeStore
 from ..losses import distillation, extend_codebook, orthohash_logits, orthohash_loss
 from ..stages import Stage
 from .base import Method
+from .memory import ExemplarMemory, balanced_sample, class_balanced_weights
 
 
 class CodebookMethod(Method):
-    state_arrays = ("codebook",)
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.codebook = np.zeros((0, self.bits), np.int8)
+
+    def arrays(self):
+        return {"codebook": self.codebook}
+
+    def load_arrays(self, arrays):
+        self.codebook = arrays["codebook"]
 
     def on_new_categories(self, old_count: int, new_count: int) -> None:
         cfg = self.params.method.orthohash
         self.codebook = extend_codebook(self.codebook[:old_count], new_count - old_count, self.bits,
                                         cfg.min_distance, self.params.seed)
 
-    def code_loss(self, v: torch.Tensor, labels: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    def fit(self, image: np.ndarray, text: np.ndarray, labels: np.ndarray, t: int, *, lifelong: bool,
+            extra_loss=None, sample_weights: np.ndarray | None = None) -> float:
+        """Train both encoders with the OrthoHash loss (plus ``extra_loss(idx, x_img, x_txt, v_img,
+        v_txt)``); a first fit also fixes the encoders' input normalization."""
         cfg = self.params.method.orthohash
-        return orthohash_loss(v, codebook, labels, cfg.scale, cfg.margin)
-
-    def fit(self, batch: Batch, t: int, *, lifelong: bool, extra_loss=None) -> float:
-        """Train both encoders on the batch with the OrthoHash loss (plus ``extra_loss``)."""
-        x_img, x_txt, labels = self.tensor(batch.image), self.tensor(batch.text), self.tensor(batch.labels)
+        x_img, x_txt, y = self.tensor(image), self.tensor(text), self.tensor(labels)
         codebook = self.tensor(self.codebook)
         if not lifelong:
             self.image_net.set_normalization(x_img)
@@ -47,7 +51,8 @@ class CodebookMethod(Method):
 
         def step(idx):
             v_img, v_txt = self.image_net(x_img[idx]), self.text_net(x_txt[idx])
-            loss = self.code_loss(v_img, labels[idx], codebook) + self.code_loss(v_txt, labels[idx], codebook)
+            loss = (orthohash_loss(v_img, codebook, y[idx], cfg.scale, cfg.margin)
+                    + orthohash_loss(v_txt, codebook, y[idx], cfg.scale, cfg.margin))
             if extra_loss is not None:
                 loss = loss + extra_loss(idx, x_img, x_txt, v_img, v_txt)
             loss.backward()
@@ -55,8 +60,9 @@ class CodebookMethod(Method):
 
         train = self.params.train
         epochs, lr = (train.lifelong_epochs, train.lifelong_lr) if lifelong else (train.epochs, train.lr)
-        return self.run_epochs([self.image_net, self.text_net], len(batch), epochs, lr, step,
-                               freeze_batchnorm=lifelong, desc=f"{self.name} stage {t}")
+        return self.run_epochs([self.image_net, self.text_net], len(y), epochs, lr, step,
+                               freeze_batchnorm=lifelong, sample_weights=sample_weights,
+                               desc=f"{self.name} stage {t}")
 
 
 class Joint(CodebookMethod):
@@ -74,14 +80,13 @@ class Joint(CodebookMethod):
         torch.manual_seed(self.params.seed)
         self.image_net, self.text_net = self._new_encoders()
         everything = Batch.concat(self.seen).with_categories(self.categories)
-        return self.fit(everything, t, lifelong=False)
+        return self.fit(everything.image, everything.text, everything.labels, t, lifelong=False)
 
     def write_codes(self, stage: Stage, store: CodeStore) -> None:
         """Re-encode every stored item with the new encoders (rows keep their order)."""
         offset = 0
         for old in self.seen[:-1]:
-            codes = self.database_codes(old)
-            for m, packed in codes.items():
+            for m, packed in self.database_codes(old).items():
                 store.codes[m][offset: offset + len(old)] = packed
             offset += len(old)
         super().write_codes(stage, store)
@@ -102,25 +107,49 @@ class Finetune(CodebookMethod):
     name = "finetune"
 
     def train_stage(self, batch: Batch, t: int, store: CodeStore) -> float:
-        return self.fit(batch, t, lifelong=t > 0)
+        return self.fit(batch.image, batch.text, batch.labels, t, lifelong=t > 0)
 
 
 class LifelongOrthoHash(CodebookMethod):
-    """OrthoHash as a lifelong method: the extendable codebook plus distillation.
+    """OrthoHash as a lifelong method: the extendable codebook, a small replay memory, and
+    distillation.
 
-    The papers give no lifelong recipe for OrthoHash beyond the extendable codebook. Our choice,
-    memory-free: on the new batch, the encoders' logits over the *old* classes are distilled from
-    a frozen copy of the previous encoders (Learning without Forgetting). The cosine logits to fixed
-    class codes are exactly what should stay put for old queries to keep their codes.
+    The papers give no lifelong recipe for OrthoHash beyond the extendable codebook. Our choice:
+    a class-balanced random memory of a few items per category is trained together with the new
+    batch (old rows of the codebook are their fixed targets), drawn class-balanced, and on every trained item the
+    encoders' cosine logits over the *old* classes are distilled from a frozen copy of the
+    previous encoders (Learning without Forgetting). Both keep old queries near their class codes,
+    which is where their frozen database codes are.
     """
 
     name = "orthohash"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.memory = ExemplarMemory.empty(self.image_shape, self.text_dim, self.bits)
+
+    def arrays(self):
+        return {**super().arrays(), **self.memory.arrays()}
+
+    def load_arrays(self, arrays):
+        super().load_arrays(arrays)
+        self.memory.load_arrays(arrays)
+
+    def on_new_categories(self, old_count: int, new_count: int) -> None:
+        super().on_new_categories(old_count, new_count)
+        self.memory.grow_labels(new_count)
+
     def train_stage(self, batch: Batch, t: int, store: CodeStore) -> float:
         if t == 0:
-            return self.fit(batch, t, lifelong=False)
+            loss = self.fit(batch.image, batch.text, batch.labels, t, lifelong=False)
+        else:
+            loss = self._lifelong_fit(batch, t, len(store.categories))
+        rows = balanced_sample(batch, self.params.method.memory_per_category, [self.params.seed, t])
+        self.memory.add(batch, rows, self.codebook[batch.labels[rows].argmax(axis=1)])
+        return loss
+
+    def _lifelong_fit(self, batch: Batch, t: int, old_classes: int) -> float:
         cfg = self.params.method.orthohash
-        old_classes = len(store.categories)
         old_codebook = self.tensor(self.codebook[:old_classes])
         teachers = {"image": copy.deepcopy(self.image_net).eval(), "text": copy.deepcopy(self.text_net).eval()}
 
@@ -133,4 +162,7 @@ class LifelongOrthoHash(CodebookMethod):
                 loss = loss + distillation(student, target, cfg.temperature)
             return cfg.distill * loss
 
-        return self.fit(batch, t, lifelong=True, extra_loss=keep_old_logits)
+        m = self.memory
+        labels = np.concatenate([batch.labels.astype(np.float32), m.labels])
+        return self.fit(np.concatenate([batch.image, m.image]), np.concatenate([batch.text, m.text]), labels,
+                        t, lifelong=True, extra_loss=keep_old_logits, sample_weights=class_balanced_weights(labels))

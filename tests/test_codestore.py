@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+
+from lifelong_hashing.codestore import CodeStore, CodeStoreError, hamming_distances, pack_codes, unpack_codes
+
+
+@pytest.mark.parametrize("bits", [16, 32, 64, 128])
+def test_pack_unpack_round_trip_and_hamming_matches_plain_count(bits):
+    rng = np.random.default_rng(bits)
+    signs = rng.choice([-1, 1], size=(50, bits)).astype(np.int8)
+    words = pack_codes(signs)
+    assert words.dtype == np.uint64 and words.shape == (50, -(-bits // 64))
+    np.testing.assert_array_equal(unpack_codes(words, bits), signs)
+    plain = (signs[:7, None, :] != signs[None, :, :]).sum(-1)
+    np.testing.assert_array_equal(hamming_distances(words[:7], words), plain)
+
+
+def _store(bits=16, n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    store = CodeStore(bits)
+    signs = {m: rng.choice([-1, 1], size=(n, bits)) for m in ("image", "text")}
+    store.append([f"i{k}" for k in range(n)], 0, np.eye(3, dtype=np.uint8)[rng.integers(3, size=n)],
+                 ("a", "b", "c"), {m: pack_codes(s) for m, s in signs.items()})
+    return store, signs
+
+
+def test_search_is_exact_with_ties_broken_by_position():
+    store, signs = _store(bits=16)  # 16 bits, 300 items: many ties
+    rng = np.random.default_rng(1)
+    q = rng.choice([-1, 1], size=(20, 16))
+    idx, dist = store.search(pack_codes(q), "text", k=25)
+    plain = (q[:, None, :] != signs["text"][None, :, :]).sum(-1)
+    for row in range(20):
+        expected = sorted(range(300), key=lambda j: (plain[row, j], j))[:25]
+        assert idx[row].tolist() == expected
+        assert dist[row].tolist() == plain[row, expected].tolist()
+
+
+def test_search_radius_and_k_beyond_database():
+    store, signs = _store(bits=16, n=10)
+    q = pack_codes(signs["image"][:1])
+    idx, dist = store.search(q, "image", k=15, radius=0)
+    assert idx[0, 0] == 0 and dist[0, 0] == 0
+    assert (idx[0, 1:] == -1).all() and (dist[0, 1:] == -1).all()
+    with pytest.raises(CodeStoreError, match="k must be positive"):
+        store.search(q, "image", k=0)
+    with pytest.raises(CodeStoreError, match="unknown modality 'audio'"):
+        store.search(q, "audio", k=1)
+
+
+def test_append_never_touches_old_rows_and_rejects_bad_input():
+    store, _ = _store(bits=64, n=5)
+    before = {m: c.copy() for m, c in store.codes.items()}
+    codes = {m: pack_codes(np.ones((2, 64))) for m in ("image", "text")}
+    store.append(["n1", "n2"], 1, np.array([[0, 0, 0, 1], [1, 0, 0, 1]]), ("a", "b", "c", "d"), codes)
+    for m in before:
+        np.testing.assert_array_equal(store.codes[m][:5], before[m])
+    assert store.labels.shape == (7, 4) and store.stage.tolist() == [0] * 5 + [1, 1]
+    with pytest.raises(CodeStoreError, match="already in the store"):
+        store.append(["n1"], 2, np.ones((1, 4)), ("a", "b", "c", "d"), {m: c[:1] for m, c in codes.items()})
+    with pytest.raises(CodeStoreError, match="must extend"):
+        store.append(["z"], 2, np.ones((1, 2)), ("x", "y"), {m: c[:1] for m, c in codes.items()})
+    with pytest.raises(CodeStoreError, match=r"image codes must be \(1, 1\) uint64"):
+        store.append(["z"], 2, np.ones((1, 4)), ("a", "b", "c", "d"), {"image": np.zeros((1, 2), np.uint64),
+                                                                       "text": codes["text"][:1]})
+
+
+def test_save_load_round_trip_and_corrupt_file(tmp_path):
+    store, _ = _store(bits=32)
+    path = store.save(tmp_path / "codes.npz")
+    back = CodeStore.load(path)
+    assert back.bits == 32 and back.categories == store.categories
+    np.testing.assert_array_equal(back.ids, store.ids)
+    for m in ("image", "text"):
+        np.testing.assert_array_equal(back.codes[m], store.codes[m])
+    (tmp_path / "bad.npz").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CodeStoreError, match="unreadable code store"):
+        CodeStore.load(tmp_path / "bad.npz")
