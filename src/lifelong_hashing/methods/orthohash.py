@@ -86,8 +86,7 @@ class Joint(CodebookMethod):
         """Re-encode every stored item with the new encoders (rows keep their order)."""
         offset = 0
         for old in self.seen[:-1]:
-            for m, packed in self.database_codes(old).items():
-                store.codes[m][offset: offset + len(old)] = packed
+            store.overwrite(offset, self.database_codes(old))
             offset += len(old)
         super().write_codes(stage, store)
 
