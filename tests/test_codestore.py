@@ -30,10 +30,12 @@ def test_search_is_exact_with_ties_broken_by_position():
     q = rng.choice([-1, 1], size=(20, 16))
     idx, dist = store.search(pack_codes(q), "text", k=25)
     plain = (q[:, None, :] != signs["text"][None, :, :]).sum(-1)
+    order, ranked = store.rank(pack_codes(q), "text")
     for row in range(20):
-        expected = sorted(range(300), key=lambda j: (plain[row, j], j))[:25]
-        assert idx[row].tolist() == expected
-        assert dist[row].tolist() == plain[row, expected].tolist()
+        full = sorted(range(300), key=lambda j: (plain[row, j], j))
+        assert idx[row].tolist() == full[:25] and order[row].tolist() == full
+        assert dist[row].tolist() == plain[row, full[:25]].tolist()
+        assert ranked[row].tolist() == plain[row, full].tolist()
 
 
 def test_search_radius_and_k_beyond_database():

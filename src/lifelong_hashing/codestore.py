@@ -159,6 +159,14 @@ class CodeStore:
             idx, top = np.pad(idx, pad, constant_values=-1), np.pad(top, pad, constant_values=-1)
         return idx, top
 
+    def rank(self, query_codes: np.ndarray, modality: str) -> tuple[np.ndarray, np.ndarray]:
+        """Full ranking of every stored item per query, ties by position: (order, distances)."""
+        if modality not in MODALITIES:
+            raise CodeStoreError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+        dist = hamming_distances(query_codes, self.codes[modality])
+        order = rank_by_distance(dist)
+        return order, np.take_along_axis(dist, order, axis=1)
+
     def save(self, path: str | os.PathLike) -> Path:
         """Atomic write (temp file + rename): a crash never leaves a half-written store."""
         path = Path(path)
