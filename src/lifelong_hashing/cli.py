@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
+import numpy as np
 import yaml
 
 from .batch import BatchError
@@ -15,6 +18,15 @@ from .stages import StagePlanError
 from .state import StateError
 
 USER_ERRORS = (BatchError, CodeStoreError, ConfigError, MethodError, StagePlanError, StateError)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The error types that mean "bad input", including those of lazily imported modules."""
+    from .export import ExportError
+    from .retrieval import ModelLoadError, QueryError
+    from .versions import VersionError
+
+    return (*USER_ERRORS, ExportError, ModelLoadError, QueryError, VersionError)
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -41,12 +53,36 @@ def main(argv: list[str] | None = None) -> int:
     cmp_ = sub.add_parser("compare", help="several methods on the same stages, one table")
     cmp_.add_argument("--methods", nargs="+", choices=METHOD_NAMES, help="default: compare.methods")
     cmp_.add_argument("--out", help="output folder (default: compare.out_dir)")
+    exp = sub.add_parser("export", help="export a state's encoders to ONNX as a new model version")
+    exp.add_argument("--state", required=True, help="state folder, e.g. runs/wikipedia/state")
+    exp.add_argument("--models", help="models folder (default: export.models_dir)")
+    exp.add_argument("--promote", action="store_true", help="serve the new version right away")
+    prom = sub.add_parser("promote", help="point serving at a published version")
+    prom.add_argument("version", help="e.g. v0003")
+    prom.add_argument("--models", help="models folder (default: export.models_dir)")
+    serve = sub.add_parser("serve", help="start the retrieval service on the promoted version")
+    serve.add_argument("--models", help="models folder (default: export.models_dir)")
+    serve.add_argument("--host", help="default: serving.host")
+    serve.add_argument("--port", type=int, help="default: serving.port")
+    find = sub.add_parser("search", help="query a running service, a models folder or a state folder")
+    where = find.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running service, e.g. http://127.0.0.1:8000")
+    where.add_argument("--models", help="a models folder (its promoted version, through ONNX Runtime)")
+    where.add_argument("--state", help="a training state folder (through PyTorch)")
+    find.add_argument("--modality", choices=["image", "text"], required=True, help="the query's modality")
+    what = find.add_mutually_exclusive_group(required=True)
+    what.add_argument("--features-file", help=".npy or .json file with one feature row per query")
+    what.add_argument("--words", nargs="+", help="a text query as words (models with a text vocabulary)")
+    find.add_argument("--k", type=int, default=10)
+    find.add_argument("--radius", type=int)
     args = parser.parse_args(argv)
 
     from . import runner  # torch import deferred so --help stays fast
 
     try:
         params = load_params(args.params, _overrides(args.set))
+        if args.command in ("export", "promote", "serve", "search"):
+            return _production_command(args, params)
         if args.command == "run":
             out = args.out or params.run.out_dir
             summary = runner.run_sequence(params, out)
@@ -61,10 +97,100 @@ def main(argv: list[str] | None = None) -> int:
             result = runner.compare(params, args.methods or params.compare.methods, out)
             print(result["table"])
             print(f"\ntable: {out}/compare.md  per-method metrics: {out}/<method>/metrics.json")
-    except USER_ERRORS as err:
+    except _user_errors() as err:
         print(f"lhash: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _production_command(args, params) -> int:
+    from . import versions
+
+    models = getattr(args, "models", None) or params.export.models_dir
+    if args.command == "export":
+        from .state import load_state
+
+        version = versions.publish(load_state(args.state), models, params.export)
+        manifest = json.loads((version / "manifest.json").read_text())
+        for modality, entry in manifest["encoders"].items():
+            p = entry["parity"]
+            int8 = entry.get("int8")
+            extra = f", int8 bit agreement {int8['bit_agreement']:.4f} ({'used' if int8['used'] else 'not used'})" \
+                if int8 else ""
+            print(f"{modality}: {version / entry['file']} parity max|diff| {p['max_abs_diff']:.2e}, "
+                  f"bits {p['bit_agreement']:.2%}{extra}")
+        if args.promote:
+            versions.promote(models, version.name)
+        print(f"published {version.name} (opset {manifest['opset']})" + (", promoted" if args.promote else ""))
+    elif args.command == "promote":
+        versions.promote(models, args.version)
+        print(f"serving {args.version} from {models}")
+    elif args.command == "serve":
+        import uvicorn
+
+        from .service import create_app
+
+        cfg = params.serving
+        uvicorn.run(create_app(models, cfg), host=args.host or cfg.host, port=args.port or cfg.port,
+                    log_level="info")
+    else:
+        _search(args, params)
+    return 0
+
+
+def _search(args, params) -> None:
+    from .retrieval import QueryError
+
+    features = None
+    if args.features_file:
+        path = Path(args.features_file)
+        try:
+            features = np.load(path) if path.suffix == ".npy" else np.asarray(json.loads(path.read_text()))
+        except (OSError, ValueError) as err:
+            raise QueryError(f"{path}: cannot read query features: {err}") from err
+    words = [args.words] if args.words else None
+    if args.url:
+        import httpx
+
+        body = {"modality": args.modality, "k": args.k, "radius": args.radius,
+                "features": None if features is None else np.atleast_2d(features).tolist(), "words": words}
+        try:
+            reply = httpx.post(args.url.rstrip("/") + "/search", json=body, timeout=60)
+        except httpx.HTTPError as err:
+            raise QueryError(f"{args.url}: {err}") from err
+        if reply.status_code != 200:
+            raise QueryError(f"{args.url} answered {reply.status_code}: {reply.json().get('detail')}")
+        results = reply.json()["results"]
+    else:
+        if args.state:
+            from .state import load_state
+
+            results = _search_state(load_state(args.state), args, features)
+        else:
+            from .retrieval import RetrievalModel
+            from .versions import current_dir
+
+            model = RetrievalModel(current_dir(args.models))
+            x = model.features(args.modality, features, words)
+            other = "text" if args.modality == "image" else "image"
+            results = [{t: [vars(h) for h in hits] for t, hits in r.items()}
+                       for r in model.search(args.modality, x, args.k, args.radius, (other,))]
+    for q, result in enumerate(results):
+        for side, hits in result.items():
+            print(f"query {q} → {side}:")
+            for rank, h in enumerate(hits, 1):
+                print(f"  {rank:3d}  {h['id']}  distance {h['distance']}  stage {h['stage']}  {','.join(h['labels'])}")
+
+
+def _search_state(state, args, features) -> list[dict]:
+    from .retrieval import QueryError, search_hits
+
+    if features is None:
+        raise QueryError("a state folder answers feature queries only (--features-file)")
+    x = np.atleast_2d(np.asarray(features, np.float32))
+    other = "text" if args.modality == "image" else "image"
+    hits = search_hits(state.store, state.method.encode(args.modality, x), other, args.k, args.radius)
+    return [{other: [vars(h) for h in row]} for row in hits]
 
 
 if __name__ == "__main__":

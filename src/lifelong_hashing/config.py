@@ -33,6 +33,9 @@ class DatasetConfig(_Strict):
     ids_key: str | None = "text_id"
     split_key: str | None = "split"
     category_names: list[str] | None = None
+    vocabulary_key: str | None = None  # words of the text features' columns, for word queries
+    idf_key: str | None = None  # per-column idf weights when the texts are TF-IDF
+    text_l2_normalize: bool = False  # whether text rows were L2-normalized
     query_size: int = Field(2000, gt=0)
     # synthetic generator only
     n_items: int = Field(6000, gt=0)
@@ -121,6 +124,20 @@ class CompareConfig(_Strict):
     out_dir: str = "runs/compare"
 
 
+class ExportConfig(_Strict):
+    models_dir: str = "models"
+    int8_min_agreement: float | None = Field(0.99, gt=0, le=1)  # null: no int8 copies
+
+
+class ServingConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    max_k: int = Field(1000, gt=0)
+    max_queries: int = Field(256, gt=0)
+    max_body_bytes: int = Field(8 << 20, gt=0)
+    poll_seconds: float = Field(1.0, gt=0)
+
+
 class Params(_Strict):
     seed: int = 0
     dataset: DatasetConfig = DatasetConfig()
@@ -131,6 +148,8 @@ class Params(_Strict):
     eval: EvalConfig = EvalConfig()
     run: RunConfig = RunConfig()
     compare: CompareConfig = CompareConfig()
+    export: ExportConfig = ExportConfig()
+    serving: ServingConfig = ServingConfig()
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,13 @@
+"""ASGI entry point for process managers: ``uvicorn serving.app:app``.
+
+Reads the models folder from LHASH_MODELS_DIR (default ``models``) and the serving section of
+LHASH_PARAMS (default ``params.yaml``). ``lhash serve`` does the same from the command line.
+"""
+
+import os
+
+from lifelong_hashing.config import load_params
+from lifelong_hashing.service import create_app
+
+_params = load_params(os.environ.get("LHASH_PARAMS", "params.yaml"))
+app = create_app(os.environ.get("LHASH_MODELS_DIR", _params.export.models_dir), _params.serving)

@@ -1,0 +1,104 @@
+"""Model versions for serving, and the promotion pointer the service follows.
+
+    models/
+      versions/v0001/  image.onnx  text.onnx  [*.int8.onnx]  codes.npz  manifest.json
+      CURRENT          the served version's name, replaced atomically on promotion
+
+A version is written into a hidden temporary folder and renamed into place only when export and
+parity succeeded, so a failed export never leaves a half version behind; promotion is a single
+atomic rename of the pointer file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .config import DatasetConfig, ExportConfig
+from .export import export_method, vocabulary_hash
+from .state import RunState
+
+POINTER = "CURRENT"
+_NAME = re.compile(r"^v(\d{4,})$")
+
+
+class VersionError(ValueError):
+    pass
+
+
+def versions_dir(models_dir: str | Path) -> Path:
+    return Path(models_dir) / "versions"
+
+
+def list_versions(models_dir: str | Path) -> list[str]:
+    root = versions_dir(models_dir)
+    names = [p.name for p in root.iterdir() if _NAME.match(p.name)] if root.exists() else []
+    return sorted(names, key=lambda n: int(n[1:]))
+
+
+def text_vocabulary(cfg: DatasetConfig) -> dict | None:
+    """Words (and idf) of the text feature columns, when the dataset names them."""
+    if not cfg.vocabulary_key:
+        return None
+    with np.load(cfg.path, allow_pickle=False) as data:
+        words = [str(w) for w in data[cfg.vocabulary_key]]
+        idf = data[cfg.idf_key].astype(float).tolist() if cfg.idf_key else None
+    return {"words": words, "idf": idf, "l2_normalize": cfg.text_l2_normalize}
+
+
+def publish(state: RunState, models_dir: str | Path, cfg: ExportConfig) -> Path:
+    """Export a state's encoders and code store as the next version (not yet promoted)."""
+    root = versions_dir(models_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    existing = list_versions(models_dir)
+    name = f"v{(int(existing[-1][1:]) + 1 if existing else 1):04d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.tmp-"))
+    try:
+        report = export_method(state.method, tmp, model_version=name, int8_min_agreement=cfg.int8_min_agreement)
+        state.store.save(tmp / "codes.npz")
+        method = state.method
+        manifest = {
+            "version": name, "project_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                      time.gmtime()),
+            "method": method.name, "stage": method.stage, "bits": method.bits,
+            "categories": list(method.categories), "vocabulary_hash": vocabulary_hash(method.categories),
+            "database_size": len(state.store), **report,
+            "text_vocabulary": text_vocabulary(state.params.dataset),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        tmp.rename(root / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root / name
+
+
+def promote(models_dir: str | Path, version: str) -> None:
+    """Point serving at ``version`` (atomic replace of the pointer file)."""
+    target = versions_dir(models_dir) / version
+    if not _NAME.match(version) or not (target / "manifest.json").exists():
+        raise VersionError(f"{models_dir}: no published version {version!r} (have {list_versions(models_dir)})")
+    fd, tmp = tempfile.mkstemp(dir=models_dir, prefix=".CURRENT.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(version + "\n")
+    os.replace(tmp, Path(models_dir) / POINTER)
+
+
+def current_version(models_dir: str | Path) -> str | None:
+    pointer = Path(models_dir) / POINTER
+    return pointer.read_text().strip() if pointer.exists() else None
+
+
+def current_dir(models_dir: str | Path) -> Path:
+    name = current_version(models_dir)
+    if name is None:
+        raise VersionError(f"{models_dir}: nothing promoted yet (no {POINTER} file)")
+    return versions_dir(models_dir) / name
