@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test compare lint clean
+.PHONY: run test compare serve lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ run: $(STAMP)
 compare: $(STAMP)
 	$(BIN)/lhash compare
 
+serve: $(STAMP)
+	test -f runs/wikipedia/state/state.json || $(BIN)/lhash run
+	$(BIN)/lhash export --state runs/wikipedia/state --promote
+	$(BIN)/lhash serve
+
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
@@ -28,4 +33,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs models .pytest_cache .ruff_cache

@@ -69,7 +69,8 @@ def server(wiki):
     params = str(wiki["root"] / "params.yaml")
     command = [sys.executable, "-m", "lifelong_hashing.cli", "--params", params, "serve",
                "--models", str(wiki["models"]), "--port", str(port)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = open(wiki["root"] / "serve.log", "w")  # a file, not a pipe: a full pipe would stall the server
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -81,10 +82,11 @@ def server(wiki):
         time.sleep(0.3)
     else:
         proc.kill()
-        pytest.fail("service did not start: " + (proc.stdout.read() if proc.stdout else ""))
+        pytest.fail("service did not start: " + (wiki["root"] / "serve.log").read_text())
     yield url
     proc.terminate()
     proc.wait(timeout=20)
+    log.close()
 
 
 def test_export_parity_metadata_and_dynamic_batch(wiki):

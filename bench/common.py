@@ -1,0 +1,56 @@
+"""Shared helpers for the benchmarks: a model version to measure, a service on loopback, timing."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def models_dir_from_state(state_dir: Path, models_dir: Path) -> Path:
+    """Publish ``state_dir`` into ``models_dir`` (once) and promote it."""
+    from lifelong_hashing.config import ExportConfig
+    from lifelong_hashing.state import load_state
+    from lifelong_hashing.versions import current_version, promote, publish
+
+    if current_version(models_dir) is None:
+        if not (state_dir / "state.json").exists():
+            sys.exit(f"{state_dir} has no trained state: run `make run` first")
+        promote(models_dir, publish(load_state(state_dir), models_dir, ExportConfig(int8_min_agreement=None)).name)
+    return models_dir
+
+
+def start_service(models_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "lifelong_hashing.cli", "--params", str(ROOT / "params.yaml"),
+                             "serve", "--models", str(models_dir), "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    sys.exit(f"service did not start; see {log_path}")
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path
