@@ -29,6 +29,7 @@ from lifelong_hashing.config import ExportConfig, load_params
 from lifelong_hashing.datasets import load_dataset
 from lifelong_hashing.export import ExportError
 from lifelong_hashing.onnx_runtime import new_session
+from lifelong_hashing.retrieval import QueryError, RetrievalModel
 from lifelong_hashing.runner import run_sequence
 from lifelong_hashing.state import load_state
 from lifelong_hashing.versions import current_version, list_versions, promote, publish
@@ -242,3 +243,39 @@ def test_fuzz_api_from_its_openapi_spec(server):
             case.call_and_validate(base_url=server, checks=checks)
 
         call()
+
+
+def test_word_queries_use_the_training_vocabulary(tmp_path):
+    """A dataset that names its text columns gets word queries: counts × idf, L2-normalized."""
+    rng = np.random.default_rng(0)
+    n, words = 400, [f"w{i}" for i in range(30)]
+    labels = rng.integers(4, size=n)
+    counts = rng.poisson(0.3, size=(n, 30)).astype(np.float32)
+    counts[np.arange(n), labels * 5] += 3  # each class has a signature word
+    idf = np.log(n / (1 + (counts > 0).sum(axis=0))).astype(np.float32)
+    text = counts * idf
+    text /= np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-6)
+    image = (np.eye(4)[labels] @ rng.normal(size=(4, 16)) + 0.3 * rng.normal(size=(n, 16))).astype(np.float32)
+    np.savez(tmp_path / "tags.npz", image=image, text=text.astype(np.float32), label=labels, vocab=np.array(words),
+             idf=idf)
+    params = load_params(ROOT / "params.yaml", {
+        "dataset": {"kind": "npz", "path": str(tmp_path / "tags.npz"), "name": "tags", "image_key": "image",
+                    "text_key": "text", "labels_key": "label", "categories_key": None, "ids_key": None,
+                    "split_key": None, "query_size": 50, "vocabulary_key": "vocab", "idf_key": "idf",
+                    "text_l2_normalize": True},
+        "stages.base": 2, "model.hidden": [32], "model.bits": 16, "train.epochs": 15, "train.lifelong_epochs": 5,
+        "method.name": "finetune"})
+    run_sequence(params, tmp_path / "run", quiet=True)
+    state = load_state(tmp_path / "run" / "state")
+    version = publish(state, tmp_path / "models", ExportConfig(int8_min_agreement=None))
+    model = RetrievalModel(version)
+    x = model.features("text", words=[["w5", "w5", "w7", "unknown"]])
+    expected = np.zeros(30, np.float32)
+    expected[[5, 7]] = [2 * idf[5], idf[7]]
+    np.testing.assert_allclose(x[0], expected / np.linalg.norm(expected), rtol=1e-5)
+    hits = model.search("text", x, 5, None, ("image",))[0]["image"]
+    assert len(hits) == 5 and model.info()["text_vocabulary"] is True
+    with pytest.raises(QueryError, match="none of the words"):
+        model.features("text", words=[["nothing", "known"]])
+    with pytest.raises(QueryError, match="text modality only"):
+        model.features("image", words=[["w1"]])
