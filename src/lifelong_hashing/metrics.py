@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .codestore import hamming_distances, rank_by_distance
+from .codestore import hamming_distances, pack_codes, rank_by_distance
+from .kernels import average_precision_kernel
 
 _QUERY_BLOCK = 256
 
@@ -19,21 +20,6 @@ def relevance(query_labels: np.ndarray, db_labels: np.ndarray) -> np.ndarray:
     return (query_labels.astype(np.float32) @ db_labels.T.astype(np.float32)) > 0
 
 
-def average_precisions(distances: np.ndarray, relevant: np.ndarray, top_r: int | None = None) -> np.ndarray:
-    """AP per query over the full ranking (``top_r=None``) or its first R items; NaN where the
-    query has no relevant item in that range. AP@R divides by the relevant items retrieved in the
-    top R (the hashing literature's convention, as in DCMH's ``calc_map_k``)."""
-    n = distances.shape[1]
-    r = n if top_r is None else min(top_r, n)
-    order = rank_by_distance(distances)[:, :r]
-    hits = np.take_along_axis(relevant, order, axis=1)
-    cum = np.cumsum(hits, axis=1, dtype=np.float64)
-    precision_at_hits = np.where(hits, cum / np.arange(1, r + 1), 0.0)
-    found = cum[:, -1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(found > 0, precision_at_hits.sum(axis=1) / found, np.nan)
-
-
 def _blocks(query_codes, db_codes, query_labels, db_labels):
     for s in range(0, len(query_codes), _QUERY_BLOCK):
         yield (hamming_distances(query_codes[s: s + _QUERY_BLOCK], db_codes),
@@ -41,11 +27,16 @@ def _blocks(query_codes, db_codes, query_labels, db_labels):
 
 
 def per_query_ap(query_codes, db_codes, query_labels, db_labels, top_r: int | None = None) -> np.ndarray:
-    """AP of each query (NaN when undefined), computed in blocks to bound memory."""
+    """AP of each query over the full ranking (``top_r=None``) or its first R items; NaN where
+    the query has no relevant item there. AP@R divides by the relevant items retrieved in the top
+    R (the hashing literature's convention, as in DCMH's ``calc_map_k``). Counting by distance in
+    a compiled loop (``kernels.py``): no sort at all."""
     if len(query_codes) == 0:
         return np.empty(0)
-    return np.concatenate([average_precisions(d, rel, top_r)
-                           for d, rel in _blocks(query_codes, db_codes, query_labels, db_labels)])
+    query_codes, db_codes = np.ascontiguousarray(query_codes, np.uint64), np.ascontiguousarray(db_codes, np.uint64)
+    bits = 64 * query_codes.shape[1]
+    top = len(db_codes) if top_r is None else int(top_r)
+    return average_precision_kernel(query_codes, db_codes, pack_codes(query_labels), pack_codes(db_labels), bits, top)
 
 
 def mean_average_precision(query_codes, db_codes, query_labels, db_labels, top_r: int | None = None) -> float:

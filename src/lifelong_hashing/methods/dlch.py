@@ -132,8 +132,7 @@ class DLCH(Method):
         old_codes = self.tensor(unpack_codes(store.codes["image"][rows], self.bits))
         old_labels = np.zeros((len(rows), len(self.categories)), np.float32)
         old_labels[:, : store.labels.shape[1]] = store.labels[rows]
-        s_old = graded_similarity(labels, self.tensor(old_labels))
-        s_all = graded_similarity(labels, labels)
+        old_labels = self.tensor(old_labels)
         omega = torch.as_tensor(np.sort(rng.choice(n_new, size=min(cfg.old_sample, n_new), replace=False)),
                                 device=self.device)
         f, g = self._outputs(batch.image, batch.text)
@@ -141,11 +140,14 @@ class DLCH(Method):
         targets = torch.cat([torch.where(f + g >= 0, 1.0, -1.0), self.tensor(mem.codes)])
 
         def step(idx):
+            # Similarities are computed per minibatch: an n×n matrix would not fit at scale.
             f, g = torch.tanh(self.image_net(x_img[idx])), torch.tanh(self.text_net(x_txt[idx]))
-            loss = cfg.gamma * pairwise_cosine_loss(f, g, s_all[idx][:, idx])
+            s_old = graded_similarity(labels[idx], old_labels)
+            s_omega = graded_similarity(labels[idx], labels[omega])
+            loss = cfg.gamma * pairwise_cosine_loss(f, g, graded_similarity(labels[idx], labels[idx]))
             for u in (f, g):
-                loss = loss + ((u @ old_codes.T / k - s_old[idx]) ** 2).mean()
-                loss = loss + ((u @ targets[omega].T / k - s_all[idx][:, omega]) ** 2).mean()
+                loss = loss + ((u @ old_codes.T / k - s_old) ** 2).mean()
+                loss = loss + ((u @ targets[omega].T / k - s_omega) ** 2).mean()
                 loss = loss + cfg.alpha * ((targets[idx] - u) ** 2).mean() / k + cfg.beta * bit_balance(u)
             loss.backward()
             return loss.detach()
@@ -154,7 +156,7 @@ class DLCH(Method):
             f, g = self._outputs(batch.image, batch.text)
             u = (f + g) / 2
             anchors = torch.cat([old_codes, u[omega]])
-            sim = torch.cat([s_old[:n_new], s_all[:n_new][:, omega]], dim=1)
+            sim = graded_similarity(labels[:n_new], torch.cat([old_labels, labels[omega]]))
             targets[:n_new] = dcc_codes(anchors, sim, u, cfg.alpha, cfg.dcc_iters)
 
         return self.run_epochs([self.image_net, self.text_net], len(image), train.lifelong_epochs,
