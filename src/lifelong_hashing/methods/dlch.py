@@ -37,15 +37,15 @@ from .base import GrowingLabelNet, Method
 from .memory import ExemplarMemory, balanced_sample, class_balanced_weights
 
 
-def dcc_codes(anchors: torch.Tensor, similarity: torch.Tensor, outputs: torch.Tensor,
+def dcc_codes(target_term: torch.Tensor, gram: torch.Tensor, n_anchor: int, outputs: torch.Tensor,
               alpha: float, iters: int) -> torch.Tensor:
     """Solve min_V ||V Aᵀ − K·S||² + α·m·K·||V − U||² over V ∈ {±1}^{n×K}, bit by bit.
 
     A (m×K) are anchor codes/outputs, S (n×m) their target similarities, U (n×K) the new items'
-    continuous outputs. Each bit has a closed form given the others."""
-    n_anchor, bits = anchors.shape
-    q = bits * similarity @ anchors + alpha * n_anchor * bits * outputs
-    gram = anchors.T @ anchors
+    continuous outputs; the caller passes K·S·A (``target_term``) and AᵀA (``gram``), whose frozen
+    parts it computes once per stage. Each bit has a closed form given the others."""
+    bits = outputs.shape[1]
+    q = target_term + alpha * n_anchor * bits * outputs
     v = torch.where(outputs >= 0, 1.0, -1.0)
     for _ in range(iters):
         for k in range(bits):
@@ -152,12 +152,18 @@ class DLCH(Method):
             loss.backward()
             return loss.detach()
 
+        # DCC's terms from the frozen old codes never change within the stage: computed once.
+        s_new_omega = graded_similarity(labels[:n_new], labels[omega])
+        old_term = k * graded_similarity(labels[:n_new], old_labels) @ old_codes
+        old_gram = old_codes.T @ old_codes
+        n_anchor = len(old_codes) + len(omega)
+
         def solve_new_codes():
             f, g = self._outputs(batch.image, batch.text)
             u = (f + g) / 2
-            anchors = torch.cat([old_codes, u[omega]])
-            sim = graded_similarity(labels[:n_new], torch.cat([old_labels, labels[omega]]))
-            targets[:n_new] = dcc_codes(anchors, sim, u, cfg.alpha, cfg.dcc_iters)
+            target_term = old_term + k * s_new_omega @ u[omega]
+            gram = old_gram + u[omega].T @ u[omega]
+            targets[:n_new] = dcc_codes(target_term, gram, n_anchor, u, cfg.alpha, cfg.dcc_iters)
 
         return self.run_epochs([self.image_net, self.text_net], len(image), train.lifelong_epochs,
                                train.lifelong_lr, step, freeze_batchnorm=True, end_of_epoch=solve_new_codes,

@@ -8,7 +8,6 @@ learn the same codebook independently, so both land in one Hamming space with no
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -150,18 +149,17 @@ class LifelongOrthoHash(CodebookMethod):
     def _lifelong_fit(self, batch: Batch, t: int, old_classes: int) -> float:
         cfg = self.params.method.orthohash
         old_codebook = self.tensor(self.codebook[:old_classes])
-        teachers = {"image": copy.deepcopy(self.image_net).eval(), "text": copy.deepcopy(self.text_net).eval()}
+        m = self.memory
+        image, text = np.concatenate([batch.image, m.image]), np.concatenate([batch.text, m.text])
+        labels = np.concatenate([batch.labels.astype(np.float32), m.labels])
+        # The teachers are the encoders as they are now, frozen: their logits are computed once.
+        teacher = {name: orthohash_logits(self.tensor(self.continuous(name, x)), old_codebook, None, cfg.scale, 0.0)
+                   for name, x in (("image", image), ("text", text))}
 
         def keep_old_logits(idx, x_img, x_txt, v_img, v_txt):
-            loss = 0.0
-            for name, x, v in (("image", x_img, v_img), ("text", x_txt, v_txt)):
-                with torch.no_grad():
-                    target = orthohash_logits(teachers[name](x[idx]), old_codebook, None, cfg.scale, 0.0)
-                student = orthohash_logits(v, old_codebook, None, cfg.scale, 0.0)
-                loss = loss + distillation(student, target, cfg.temperature)
+            loss = sum(distillation(orthohash_logits(v, old_codebook, None, cfg.scale, 0.0), teacher[name][idx],
+                                    cfg.temperature) for name, v in (("image", v_img), ("text", v_txt)))
             return cfg.distill * loss
 
-        m = self.memory
-        labels = np.concatenate([batch.labels.astype(np.float32), m.labels])
-        return self.fit(np.concatenate([batch.image, m.image]), np.concatenate([batch.text, m.text]), labels,
-                        t, lifelong=True, extra_loss=keep_old_logits, sample_weights=class_balanced_weights(labels))
+        return self.fit(image, text, labels, t, lifelong=True, extra_loss=keep_old_logits,
+                        sample_weights=class_balanced_weights(labels))

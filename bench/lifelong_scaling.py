@@ -1,0 +1,97 @@
+"""Lifelong stages against retraining as the database grows: training seconds per stage and in
+total, final average mAP both directions, stored codes rewritten. SYNTHETIC data (the seeded
+generator: multi-label, co-occurring labels, two modalities), 12 category-incremental stages
+growing to --items database items; then the same methods on Wikipedia's stages.
+
+    python bench/lifelong_scaling.py            # 200,000 items (several minutes)
+    python bench/lifelong_scaling.py --small    # 24,000 items, for a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, write_result  # noqa: E402
+
+from lifelong_hashing.config import load_params  # noqa: E402
+from lifelong_hashing.runner import run_sequence  # noqa: E402
+
+METHODS = ["joint", "finetune", "dlch", "ccmh_gam", "orthohash"]
+
+
+def synthetic_params(items: int, epochs: int):
+    return load_params(ROOT / "params.yaml", {
+        "dataset": {"kind": "synthetic", "name": "synthetic", "n_items": items + 2000, "n_categories": 24,
+                    "image_dim": 128, "text_dim": 300, "noise": 0.8, "query_size": 2000},
+        "stages": {"base": 2, "per_stage": 2},
+        "model.hidden": [512], "train.epochs": epochs, "train.lifelong_epochs": epochs, "train.batch_size": 256,
+        "eval": {"map_at": [], "precision_at": []},
+    })
+
+
+def run_all(params, methods, out: Path) -> dict:
+    results = {}
+    for name in methods:
+        run_params = params.model_copy(update={"method": params.method.model_copy(update={"name": name})})
+        s = run_sequence(run_params, out / name, quiet=True)
+        results[name] = {
+            "stage_seconds": [round(r["train_seconds"], 2) for r in s["stages"]],
+            "database_size": [r["database_size"] for r in s["stages"]],
+            "total_seconds": round(s["total_train_seconds"], 1),
+            "final_map_i2t": round(s["i2t"]["final_average_map"], 4),
+            "final_map_t2i": round(s["t2i"]["final_average_map"], 4),
+            "codes_rewritten": s["total_codes_rewritten"], "device": s["device"],
+        }
+        print(f"  {name}: {results[name]['total_seconds']} s", file=sys.stderr, flush=True)
+    return results
+
+
+def print_tables(title: str, results: dict) -> None:
+    joint = results["joint"]
+    print(f"\n### {title}\n")
+    print("| method | total train s | vs joint | final avg mAP I→T | vs joint | final avg mAP T→I | vs joint "
+          "| codes rewritten |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['total_seconds']} | {r['total_seconds'] / joint['total_seconds']:.0%} | "
+              f"{r['final_map_i2t']} | {r['final_map_i2t'] / joint['final_map_i2t']:.0%} | {r['final_map_t2i']} | "
+              f"{r['final_map_t2i'] / joint['final_map_t2i']:.0%} | {r['codes_rewritten']} |")
+    sizes = joint["database_size"]
+    print("\nTraining seconds per stage (database size after the stage):\n")
+    print("| stage | database | " + " | ".join(results) + " |")
+    print("|---|---|" + "---|" * len(results))
+    for t, size in enumerate(sizes):
+        print(f"| {t} | {size} | " + " | ".join(str(r["stage_seconds"][t]) for r in results.values()) + " |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=200_000)
+    ap.add_argument("--small", action="store_true", help="24,000 items")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--no-wikipedia", action="store_true")
+    args = ap.parse_args()
+    items = 24_000 if args.small else args.items
+    out = Path(tempfile.mkdtemp(prefix="lhash-scaling-"))
+    print(f"synthetic, {items} items …", file=sys.stderr)
+    payload = {"synthetic": {"items": items, "epochs": args.epochs,
+                             "results": run_all(synthetic_params(items, args.epochs), args.methods, out / "syn")}}
+    device = payload["synthetic"]["results"]["joint"]["device"]
+    print(f"device: {device}" + (" (no CUDA here: the same code runs on CPU)" if device == "cpu" else ""))
+    print_tables(f"SYNTHETIC, 12 stages growing to {items} items, 64 bits, {args.epochs} epochs a stage",
+                 payload["synthetic"]["results"])
+    if not args.no_wikipedia:
+        print("Wikipedia …", file=sys.stderr)
+        payload["wikipedia"] = {"results": run_all(load_params(ROOT / "params.yaml"), args.methods, out / "wiki")}
+        print_tables("Wikipedia, 4 base categories then 2+2+2, 64 bits (params.yaml)",
+                     payload["wikipedia"]["results"])
+    print(f"\nwritten to {write_result('lifelong_scaling' + ('_small' if args.small else ''), payload)}")
+
+
+if __name__ == "__main__":
+    main()
