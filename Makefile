@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test compare serve lint clean
+.PHONY: run test compare serve bench bench-small lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,18 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/lifelong_scaling.py
+	$(BIN)/python bench/search_speed.py
+	$(BIN)/python bench/eval_speed.py
+	$(BIN)/python bench/memory.py
+
+bench-small: $(STAMP)
+	$(BIN)/python bench/lifelong_scaling.py --small --no-wikipedia
+	$(BIN)/python bench/search_speed.py --small
+	$(BIN)/python bench/eval_speed.py --small
+	$(BIN)/python bench/memory.py --small
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -11,19 +11,28 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, write_result  # noqa: E402
 
-# Each probe prints {"baseline_mb", "data_mb"} after its imports and setup, then does the work;
-# the parent reads the child's peak RSS from its own report of ru_maxrss.
-STAGE_PROBE = """
-import json, resource, sys
+# Each probe runs in a fresh process and prints its resident memory right before the measured
+# work (VmRSS) and its peak after it (ru_maxrss), so set-up costs are not mistaken for the work.
+RSS = """
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+"""
+
+PREPARE = """
+import sys
+from lifelong_hashing.batch import save_batch
 from lifelong_hashing.config import load_params
 from lifelong_hashing.runner import build_plan, run_stage
-from lifelong_hashing.state import new_state
-items = int(sys.argv[1])
+from lifelong_hashing.state import new_state, save_state
+items, work = int(sys.argv[1]), sys.argv[2]
 params = load_params("params.yaml", {
     "dataset": {"kind": "synthetic", "name": "synthetic", "n_items": items + 2000, "n_categories": 24,
                 "image_dim": 128, "text_dim": 300, "query_size": 2000},
@@ -34,16 +43,29 @@ plan = build_plan(params)
 first = plan.stages[0].batch
 state = new_state(params, first.image.shape[1:], first.text.shape[1])
 run_stage(state, plan)
-data_mb = sum(b.image.nbytes + b.text.nbytes for b in (s.batch for s in plan.stages)) / 2**20
-new_mb = (plan.stages[1].batch.image.nbytes + plan.stages[1].batch.text.nbytes) / 2**20
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-run_stage(state, plan)
-print(json.dumps({"data_mb": data_mb, "new_batch_mb": new_mb, "database": len(state.store),
-                  "new_items": len(plan.stages[1].batch), "peak_before_stage_mb": before}))
+save_state(state, work + "/state")
+save_batch(plan.stages[1].batch, work + "/new.npz")
 """
 
-SEARCH_PROBE = """
+STAGE_PROBE = RSS + """
+import json, resource, sys, time
+from lifelong_hashing.batch import load_batch
+from lifelong_hashing.stages import Stage
+from lifelong_hashing.state import load_state
+work = sys.argv[2]
+state = load_state(work + "/state")
+batch = load_batch(work + "/new.npz")
+stage = Stage(1, batch.categories[len(state.method.categories):], batch.categories, batch)
+before = rss_mb()
+state.method.learn(stage, state.store)
+print(json.dumps({"new_batch_mb": (batch.image.nbytes + batch.text.nbytes) / 2**20, "new_items": len(batch),
+                  "database": len(state.store), "store_mb": sum(c.nbytes for c in state.store.codes.values()) / 2**20,
+                  "before_mb": before, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+SEARCH_PROBE = RSS + """
 import json, resource, sys
+import faiss  # loaded before measuring: the library itself is not the search's memory
 import numpy as np
 from lifelong_hashing.codestore import CodeStore, pack_codes
 n = int(sys.argv[1])
@@ -53,19 +75,22 @@ store = CodeStore(64)
 store.append(np.char.add("item", np.arange(n).astype(str)), 0, np.ones((n, 1), np.uint8), ("all",),
              {"image": db, "text": db})
 queries = pack_codes(rng.integers(0, 2, size=(1000, 64), dtype=np.int8))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+del rng
+store.search(queries[:1], "image", 1)  # the index is built once per store, as in serving
+before = rss_mb()
 store.search(queries, "image", 100)
 print(json.dumps({"codes_mb": db.nbytes / 2**20, "store_mb": (db.nbytes * 2 + store.ids.nbytes
-                  + store.labels.nbytes + store.stage.nbytes) / 2**20, "peak_before_search_mb": before}))
+                  + store.labels.nbytes + store.stage.nbytes) / 2**20, "before_mb": before,
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def probe(code: str, arg: int) -> dict:
-    wrapper = code + "\nimport resource\nprint(json.dumps({'peak_mb': resource.getrusage(resource.RUSAGE_SELF)" \
-                     ".ru_maxrss / 1024}))\n"
-    out = subprocess.run([sys.executable, "-c", wrapper, str(arg)], capture_output=True, text=True, cwd=ROOT,
-                         check=True).stdout.strip().splitlines()
-    return {**json.loads(out[-2]), **json.loads(out[-1])}
+def probe(code: str, *args) -> dict:
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        sys.exit(done.stderr)
+    lines = done.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if lines else {}
 
 
 def main() -> None:
@@ -73,18 +98,20 @@ def main() -> None:
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args()
     items, codes = (20_000, 100_000) if args.small else (200_000, 1_000_000)
-    stage = probe(STAGE_PROBE, items)
+    work = tempfile.mkdtemp(prefix="lhash-mem-")
+    probe(PREPARE, items, work)
+    stage = probe(STAGE_PROBE, items, work)
     search = probe(SEARCH_PROBE, codes)
-    print("| what | data | peak RSS before | peak RSS after | growth |")
+    print("| what | its data | RSS before | peak RSS | growth |")
     print("|---|---|---|---|---|")
     print(f"| lifelong DLCH stage: {stage['new_items']:,} new items onto {stage['database']:,} "
-          f"| features of all {stage['data_mb']:.0f} MB, of the new batch {stage['new_batch_mb']:.0f} MB "
-          f"| {stage['peak_before_stage_mb']:.0f} MB | {stage['peak_mb']:.0f} MB "
-          f"| {stage['peak_mb'] - stage['peak_before_stage_mb']:.0f} MB |")
+          f"| new batch {stage['new_batch_mb']:.0f} MB, stored codes {stage['store_mb']:.1f} MB "
+          f"| {stage['before_mb']:.0f} MB | {stage['peak_mb']:.0f} MB "
+          f"| {stage['peak_mb'] - stage['before_mb']:.0f} MB |")
     print(f"| search: 1,000 queries, top-100 over {codes:,} codes of 64 bits | codes {search['codes_mb']:.0f} MB, "
-          f"whole store {search['store_mb']:.0f} MB | {search['peak_before_search_mb']:.0f} MB "
-          f"| {search['peak_mb']:.0f} MB | {search['peak_mb'] - search['peak_before_search_mb']:.0f} MB |")
-    print("(the 'before' peak holds the generated data set, Python, PyTorch and the libraries)")
+          f"whole store {search['store_mb']:.0f} MB | {search['before_mb']:.0f} MB | {search['peak_mb']:.0f} MB "
+          f"| {search['peak_mb'] - search['before_mb']:.0f} MB |")
+    print("(RSS before includes Python and the libraries: PyTorch alone is several hundred MB)")
     print(f"written to {write_result('memory' + ('_small' if args.small else ''), {'stage': stage, 'search': search})}")
 
 
