@@ -8,10 +8,12 @@ import pytest
 import torch
 import yaml
 
+from lifelong_hashing.batch import make_batch
 from lifelong_hashing.codestore import CodeStore
 from lifelong_hashing.encoders import pick_device
 from lifelong_hashing.methods import MethodError, create_method
 from lifelong_hashing.runner import build_plan, run_sequence, run_stage
+from lifelong_hashing.stages import Stage
 from lifelong_hashing.state import StateError, load_state, new_state, save_state
 
 from .conftest import ROOT, small_params
@@ -113,10 +115,16 @@ def test_inputs_that_do_not_fit_the_model_are_refused():
         create_method("magic", params, (24,), 40)
 
 
-def test_cnn_encoder_trains_on_pixels():
-    params = small_params("finetune", **{"model.image_encoder": "cnn"})
+def test_cnn_encoder_trains_a_stage_on_pixels():
+    params = small_params("finetune", **{"model.image_encoder": "cnn", "train.epochs": 2})
+    rng = np.random.default_rng(0)
+    labels = np.eye(2, dtype=np.uint8)[rng.integers(2, size=40)]
+    pixels = rng.random((40, 3, 8, 8)) + labels[:, :1, None, None]  # class 0 is brighter
+    batch = make_batch([f"p{i}" for i in range(40)], pixels, rng.random((40, 10)), labels, ["dark", "bright"])
     method = create_method("finetune", params, (3, 8, 8), 10)
-    assert method.continuous("image", np.random.default_rng(0).random((4, 3, 8, 8), np.float32)).shape == (4, 32)
+    store = CodeStore(32)
+    result = method.learn(Stage(0, ("dark", "bright"), ("dark", "bright"), batch), store)
+    assert len(store) == 40 and np.isfinite(result.final_loss) and method.image_net.mean.shape == (3, 1, 1)
 
 
 def test_cuda_request_without_gpu_is_explained():

@@ -163,20 +163,26 @@ def save_batch(batch: Batch, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_batch(path: str | os.PathLike) -> Batch:
-    """Read and validate a batch file; any defect raises ``BatchError`` naming the file."""
+def read_npz(path: str | os.PathLike, keys: list[str]) -> dict[str, np.ndarray]:
+    """The named arrays of an npz file; a missing, unreadable or incomplete file raises
+    ``BatchError`` naming the file and what is wrong."""
     src = str(path)
     try:
         with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in FIELDS if k not in data.files]
+            missing = [k for k in keys if k not in data.files]
             if missing:
                 raise BatchError(src, missing[0], f"missing from file (has {sorted(data.files)})")
-            arrays = {k: data[k] for k in FIELDS}
+            return {k: data[k] for k in keys}
     except BatchError:
         raise
     except FileNotFoundError as err:
         raise BatchError(src, "file", "does not exist") from err
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise BatchError(src, "file", f"corrupt or truncated npz: {err}") from err
+
+
+def load_batch(path: str | os.PathLike) -> Batch:
+    """Read and validate a batch file; any defect raises ``BatchError`` naming the file."""
+    arrays = read_npz(path, list(FIELDS))
     return make_batch(arrays["ids"], arrays["image"], arrays["text"], arrays["labels"],
-                      arrays["categories"].tolist(), source=src)
+                      arrays["categories"].tolist(), source=str(path))

@@ -12,7 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-METHOD_NAMES = ("joint", "finetune", "dlch", "ccmh_gam", "orthohash")
+MethodName = Literal["joint", "finetune", "dlch", "ccmh_gam", "orthohash"]
+METHOD_NAMES: tuple[str, ...] = MethodName.__args__
 
 
 class _Strict(BaseModel):
@@ -102,7 +103,7 @@ class CCMHGAMConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    name: Literal["joint", "finetune", "dlch", "ccmh_gam", "orthohash"] = "dlch"
+    name: MethodName = "dlch"
     memory_per_category: int = Field(20, ge=0)  # exemplars the lifelong methods keep per category
     orthohash: OrthoHashConfig = OrthoHashConfig()
     dlch: DLCHConfig = DLCHConfig()
@@ -119,7 +120,7 @@ class RunConfig(_Strict):
 
 
 class CompareConfig(_Strict):
-    methods: list[Literal["joint", "finetune", "dlch", "ccmh_gam", "orthohash"]] = Field(
+    methods: list[MethodName] = Field(
         default_factory=lambda: list(METHOD_NAMES))
     out_dir: str = "runs/compare"
 

@@ -8,13 +8,12 @@
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .batch import Batch, BatchError, labels_from_ids, make_batch
+from .batch import Batch, BatchError, labels_from_ids, make_batch, read_npz
 from .config import DatasetConfig
 
 IMAGE_KEYS = ("FAll", "XAll", "IAll")  # DCMH layouts: features first, pixels last
@@ -43,21 +42,9 @@ def load_dataset(cfg: DatasetConfig, seed: int = 0) -> SplitDataset:
 def load_npz_dataset(cfg: DatasetConfig, seed: int = 0) -> SplitDataset:
     """A generic npz: feature, label and (optional) id, category-name and split keys from params."""
     src = cfg.path
-    try:
-        with np.load(src, allow_pickle=False) as data:
-            wanted = [cfg.image_key, cfg.text_key, cfg.labels_key]
-            wanted += [k for k in (cfg.ids_key, cfg.categories_key, cfg.split_key) if k]
-            missing = [k for k in wanted if k not in data.files]
-            if missing:
-                raise BatchError(src, missing[0], f"missing from file (has {sorted(data.files)})")
-            arrays = {k: data[k] for k in wanted}
-    except BatchError:
-        raise
-    except FileNotFoundError as err:
-        raise BatchError(src, "file", "does not exist") from err
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise BatchError(src, "file", f"corrupt or truncated npz: {err}") from err
-
+    wanted = [cfg.image_key, cfg.text_key, cfg.labels_key]
+    wanted += [k for k in (cfg.ids_key, cfg.categories_key, cfg.split_key) if k]
+    arrays = read_npz(src, wanted)
     raw_labels = arrays[cfg.labels_key]
     n = len(raw_labels)
     if cfg.categories_key:

@@ -7,6 +7,7 @@ its sign bits packed little-endian into K/8 bytes, the byte layout of ``codestor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -100,17 +101,18 @@ def export_encoder(method: Method, modality: str, path: Path, metadata: dict[str
     net.to(method.device)
 
 
-class _quiet_exporter:
+@contextlib.contextmanager
+def _quiet_exporter():
     """The dynamo exporter logs every pass at INFO; a user needs only the result."""
-
-    def __enter__(self):
-        self.levels = {n: logging.getLogger(n).level for n in ("torch.onnx", "torch.export", "onnxscript")}
-        for n in self.levels:
-            logging.getLogger(n).setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        for n, level in self.levels.items():
-            logging.getLogger(n).setLevel(level)
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def check_parity(method: Method, modality: str, onnx_path: Path) -> Parity:

@@ -19,9 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from . import __version__
+from .batch import read_npz
 from .config import DatasetConfig, ExportConfig
 from .export import export_method, vocabulary_hash
 from .state import RunState
@@ -48,10 +47,9 @@ def text_vocabulary(cfg: DatasetConfig) -> dict | None:
     """Words (and idf) of the text feature columns, when the dataset names them."""
     if not cfg.vocabulary_key:
         return None
-    with np.load(cfg.path, allow_pickle=False) as data:
-        words = [str(w) for w in data[cfg.vocabulary_key]]
-        idf = data[cfg.idf_key].astype(float).tolist() if cfg.idf_key else None
-    return {"words": words, "idf": idf, "l2_normalize": cfg.text_l2_normalize}
+    arrays = read_npz(cfg.path, [k for k in (cfg.vocabulary_key, cfg.idf_key) if k])
+    idf = arrays[cfg.idf_key].astype(float).tolist() if cfg.idf_key else None
+    return {"words": [str(w) for w in arrays[cfg.vocabulary_key]], "idf": idf, "l2_normalize": cfg.text_l2_normalize}
 
 
 def publish(state: RunState, models_dir: str | Path, cfg: ExportConfig) -> Path:
