@@ -103,7 +103,7 @@ class CCMHGAMConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    name: MethodName = "dlch"
+    name: MethodName = "orthohash"
     memory_per_category: int = Field(20, ge=0)  # exemplars the lifelong methods keep per category
     orthohash: OrthoHashConfig = OrthoHashConfig()
     dlch: DLCHConfig = DLCHConfig()
