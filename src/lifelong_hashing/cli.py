@@ -13,20 +13,20 @@ import yaml
 from .batch import BatchError
 from .codestore import CodeStoreError
 from .config import METHOD_NAMES, ConfigError, load_params
-from .methods import MethodError
 from .stages import StagePlanError
-from .state import StateError
-
-USER_ERRORS = (BatchError, CodeStoreError, ConfigError, MethodError, StagePlanError, StateError)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """The error types that mean "bad input", including those of lazily imported modules."""
+    """The error types that mean "bad input"; imported only now so that ``--help`` loads
+    neither PyTorch nor ONNX."""
     from .export import ExportError
+    from .methods import MethodError
     from .retrieval import ModelLoadError, QueryError
+    from .state import StateError
     from .versions import VersionError
 
-    return (*USER_ERRORS, ExportError, ModelLoadError, QueryError, VersionError)
+    return (BatchError, CodeStoreError, ConfigError, MethodError, StagePlanError, StateError, ExportError,
+            ModelLoadError, QueryError, VersionError)
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     find.add_argument("--radius", type=int)
     args = parser.parse_args(argv)
 
-    from . import runner  # torch import deferred so --help stays fast
+    from . import runner  # PyTorch loads here, after argument parsing
 
     try:
         params = load_params(args.params, _overrides(args.set))

@@ -198,6 +198,12 @@ class CodeStore:
         return store
 
 
+def words_from_bytes(packed_bytes: np.ndarray) -> np.ndarray:
+    """(n, K/8) packed bytes, as the exported encoders emit them → (n, ceil(K/64)) uint64 words."""
+    pad = (-packed_bytes.shape[1]) % 8
+    return np.ascontiguousarray(np.pad(packed_bytes, ((0, 0), (0, pad)))).view("<u8")
+
+
 def _faiss_bytes(words: np.ndarray, bits: int) -> np.ndarray:
     """The K/8 code bytes faiss expects (little-endian words: the first bytes hold the bits)."""
     return np.ascontiguousarray(np.ascontiguousarray(words).view(np.uint8)[:, : bits // 8])

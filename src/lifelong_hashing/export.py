@@ -20,11 +20,10 @@ import torch
 from torch import nn
 
 from . import __version__
-from .codestore import pack_codes
+from .codestore import MODALITIES, pack_codes, words_from_bytes
 from .methods import Method
 
 OPSET = 18
-MODALITIES = ("image", "text")
 
 
 class ExportError(RuntimeError):
@@ -123,15 +122,10 @@ def check_parity(method: Method, modality: str, onnx_path: Path) -> Parity:
     reference = method.continuous(modality, x)
     session = new_session(onnx_path)
     code, bits = session.run(None, {"features": x})
-    if not np.array_equal(_words(bits), pack_codes(code)):
+    if not np.array_equal(words_from_bytes(bits), pack_codes(code)):
         raise ExportError(f"{onnx_path.name}: packed bits output disagrees with the code output")
     agreement = float((np.sign(code) == np.sign(reference)).mean())
     return Parity(float(np.abs(code - reference).max()), agreement, len(x))
-
-
-def _words(packed_bytes: np.ndarray) -> np.ndarray:
-    pad = (-packed_bytes.shape[1]) % 8
-    return np.ascontiguousarray(np.pad(packed_bytes, ((0, 0), (0, pad)))).view("<u8")
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path, method: Method, modality: str) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .codestore import MODALITIES, CodeStore, CodeStoreError
+from .codestore import MODALITIES, CodeStore, CodeStoreError, words_from_bytes
 from .onnx_runtime import execution_providers, new_session
 
 
@@ -132,9 +132,7 @@ class RetrievalModel:
 
     def encode(self, modality: str, x: np.ndarray) -> np.ndarray:
         """Validated features → packed uint64 codes."""
-        packed = self.sessions[modality].run(["bits"], {"features": x})[0]
-        pad = (-packed.shape[1]) % 8
-        return np.ascontiguousarray(np.pad(packed, ((0, 0), (0, pad)))).view("<u8")
+        return words_from_bytes(self.sessions[modality].run(["bits"], {"features": x})[0])
 
     def search(self, modality: str, x: np.ndarray, k: int, radius: int | None,
                targets: tuple[str, ...]) -> list[dict[str, list[Hit]]]:
