@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test compare serve bench bench-small lint clean
+.PHONY: run test browser validate monitor compare serve bench bench-small lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/lhash run
 
+# Check a batch before it is trained on: make validate BATCH=path/to/batch.npz
+validate: $(STAMP)
+	$(BIN)/lhash validate "$(BATCH)" --state runs/wikipedia/state
+
+# Evidently report of the latest increment of the main run, added to reports/workspace
+monitor: $(STAMP)
+	$(BIN)/lhash monitor --state runs/wikipedia/state
+
 compare: $(STAMP)
 	$(BIN)/lhash compare
 
@@ -25,7 +33,14 @@ serve: $(STAMP)
 	$(BIN)/lhash export --state runs/wikipedia/state --promote
 	$(BIN)/lhash serve
 
-test: $(STAMP)
+# Headless Chromium + ChromeDriver from Debian for the report-rendering test (root or sudo).
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver \
+	  || { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver; }; }
+
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
@@ -45,4 +60,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf runs models .pytest_cache .ruff_cache
+	rm -rf runs models reports .pytest_cache .ruff_cache

@@ -20,6 +20,15 @@ def test_round_trip_keeps_every_field(tmp_path):
     assert back.image.dtype == np.float32 and back.labels.dtype == np.uint8
 
 
+def test_declared_new_categories_round_trip_and_must_be_batch_categories(tmp_path):
+    b = _batch()
+    declared = Batch(b.ids, b.image, b.text, b.labels, b.categories, new_categories=("c",))
+    assert load_batch(save_batch(declared, tmp_path / "b.npz")).new_categories == ("c",)
+    assert load_batch(save_batch(b, tmp_path / "plain.npz")).new_categories == ()
+    with pytest.raises(BatchError, match="new_categories.*'z'"):
+        Batch(b.ids, b.image, b.text, b.labels, b.categories, new_categories=("z",))
+
+
 @pytest.mark.parametrize(
     ("change", "field", "words"),
     [

@@ -1,8 +1,9 @@
 """The one batch format every part of the project reads and writes.
 
 A batch is row-aligned arrays: item ids, image features (or pixels), text features and a
-multi-hot label matrix whose columns are named by ``categories``. On disk it is an ``.npz``
-with exactly those five keys (see README, "Batch format"). Every constructor validates, so a
+multi-hot label matrix whose columns are named by ``categories``, and optionally the names among
+them that the batch declares new (``new_categories``: the categories a lifelong increment is to
+learn). On disk it is an ``.npz`` with those keys (see README, "Batch format"). Every constructor validates, so a
 ``Batch`` that exists is a good one; a bad one raises ``BatchError`` naming the source, the
 field and what is wrong.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 FIELDS = ("ids", "image", "text", "labels", "categories")
+OPTIONAL_FIELDS = ("new_categories",)
 
 
 class BatchError(ValueError):
@@ -36,6 +38,7 @@ class Batch:
     labels: np.ndarray  # (n, C) uint8 in {0, 1}
     categories: tuple[str, ...]  # C names, the label columns
     source: str = "<memory>"
+    new_categories: tuple[str, ...] = ()  # declared new by the sender; a subset of ``categories``
 
     def __post_init__(self):
         _validate(self)
@@ -47,7 +50,7 @@ class Batch:
         """Rows by index or boolean mask; the category vocabulary is kept whole."""
         return Batch(
             self.ids[rows], self.image[rows], self.text[rows], self.labels[rows], self.categories,
-            source=self.source,
+            source=self.source, new_categories=self.new_categories,
         )
 
     def with_categories(self, categories: tuple[str, ...] | list[str]) -> Batch:
@@ -59,7 +62,8 @@ class Batch:
         columns = [categories.index(c) for c in self.categories]
         labels = np.zeros((len(self), len(categories)), np.uint8)
         labels[:, columns] = self.labels
-        return Batch(self.ids, self.image, self.text, labels, categories, source=self.source)
+        return Batch(self.ids, self.image, self.text, labels, categories, source=self.source,
+                     new_categories=self.new_categories)
 
     @staticmethod
     def concat(batches: list[Batch]) -> Batch:
@@ -77,10 +81,11 @@ class Batch:
             np.concatenate([b.labels for b in aligned]),
             tuple(vocabulary),
             source="+".join(sorted({b.source for b in batches})),
+            new_categories=tuple(dict.fromkeys(c for b in batches for c in b.new_categories)),
         )
 
 
-def make_batch(ids, image, text, labels, categories, source: str = "<memory>") -> Batch:
+def make_batch(ids, image, text, labels, categories, source: str = "<memory>", new_categories=()) -> Batch:
     """Build a batch from array-likes, casting to the canonical dtypes before validation."""
     try:
         ids_arr = np.asarray(ids).astype(str)
@@ -92,7 +97,8 @@ def make_batch(ids, image, text, labels, categories, source: str = "<memory>") -
     if labels_raw.size and not np.isin(labels_raw, (0, 1)).all():
         raise BatchError(source, "labels", "must be multi-hot 0/1 values")
     return Batch(ids_arr, image_arr, text_arr, labels_raw.astype(np.uint8),
-                 tuple(str(c) for c in categories), source=source)
+                 tuple(str(c) for c in categories), source=source,
+                 new_categories=tuple(str(c) for c in new_categories))
 
 
 def labels_from_ids(label_ids, num_categories: int, source: str = "<memory>") -> np.ndarray:
@@ -135,6 +141,9 @@ def _validate(b: Batch) -> None:
                              f"{int(bad.sum())} rows with NaN or infinite values (first id {b.ids[bad][0]!r})")
     if len(set(b.categories)) != len(b.categories) or not b.categories:
         raise BatchError(src, "categories", f"must be non-empty and unique, got {list(b.categories)[:20]}")
+    undeclared = [c for c in b.new_categories if c not in b.categories]
+    if undeclared:
+        raise BatchError(src, "new_categories", f"not among the batch's categories: {undeclared}")
     if b.labels.shape != (n, len(b.categories)):
         raise BatchError(src, "labels", f"expected shape ({n}, {len(b.categories)}), got {b.labels.shape}")
     if b.labels.dtype != np.uint8 or b.labels.max() > 1:
@@ -155,6 +164,7 @@ def save_batch(batch: Batch, path: str | os.PathLike) -> Path:
             np.savez_compressed(
                 fh, ids=batch.ids, image=batch.image, text=batch.text, labels=batch.labels,
                 categories=np.asarray(batch.categories, dtype=str),
+                new_categories=np.asarray(batch.new_categories, dtype=str),
             )
         os.replace(tmp, path)
     except BaseException:
@@ -163,16 +173,16 @@ def save_batch(batch: Batch, path: str | os.PathLike) -> Path:
     return path
 
 
-def read_npz(path: str | os.PathLike, keys: list[str]) -> dict[str, np.ndarray]:
-    """The named arrays of an npz file; a missing, unreadable or incomplete file raises
-    ``BatchError`` naming the file and what is wrong."""
+def read_npz(path: str | os.PathLike, keys: list[str], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The named arrays of an npz file (and those of ``optional`` that it has); a missing,
+    unreadable or incomplete file raises ``BatchError`` naming the file and what is wrong."""
     src = str(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in keys if k not in data.files]
             if missing:
                 raise BatchError(src, missing[0], f"missing from file (has {sorted(data.files)})")
-            return {k: data[k] for k in keys}
+            return {k: data[k] for k in (*keys, *optional) if k in data.files}
     except BatchError:
         raise
     except FileNotFoundError as err:
@@ -183,6 +193,7 @@ def read_npz(path: str | os.PathLike, keys: list[str]) -> dict[str, np.ndarray]:
 
 def load_batch(path: str | os.PathLike) -> Batch:
     """Read and validate a batch file; any defect raises ``BatchError`` naming the file."""
-    arrays = read_npz(path, list(FIELDS))
+    arrays = read_npz(path, list(FIELDS), OPTIONAL_FIELDS)
     return make_batch(arrays["ids"], arrays["image"], arrays["text"], arrays["labels"],
-                      arrays["categories"].tolist(), source=str(path))
+                      arrays["categories"].tolist(), source=str(path),
+                      new_categories=arrays.get("new_categories", np.empty(0, str)).tolist())

@@ -64,6 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--models", help="models folder (default: export.models_dir)")
     serve.add_argument("--host", help="default: serving.host")
     serve.add_argument("--port", type=int, help="default: serving.port")
+    val = sub.add_parser("validate", help="check an incoming batch file against the current model (exit 1: rejected)")
+    val.add_argument("batch", help="batch .npz (README, 'Batch format')")
+    val.add_argument("--state", help="state folder of the current model (default: structure checks only)")
+    val.add_argument("--out", help="folder for validation.json and the data docs "
+                                   "(default: validation.reports_dir/<name>-<hash>)")
+    mon = sub.add_parser("monitor", help="Evidently report of a state's increment, added to the workspace "
+                                         "(exit 1: alerts)")
+    mon.add_argument("--state", required=True, help="state folder, e.g. runs/wikipedia/state")
+    mon.add_argument("--stage", type=int, help="which increment (default: the latest)")
+    mon.add_argument("--out", help="report folder (default: monitoring.reports_dir/stage-NN)")
+    mon.add_argument("--workspace", help="Evidently workspace (default: monitoring.workspace)")
     find = sub.add_parser("search", help="query a running service, a models folder or a state folder")
     where = find.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="a running service, e.g. http://127.0.0.1:8000")
@@ -83,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, _overrides(args.set))
         if args.command in ("export", "promote", "serve", "search"):
             return _production_command(args, params)
+        if args.command in ("validate", "monitor"):
+            return _data_command(args, params)
         if args.command == "run":
             out = args.out or params.run.out_dir
             summary = runner.run_sequence(params, out)
@@ -101,6 +114,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lhash: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _data_command(args, params) -> int:
+    from .state import load_state
+
+    if args.command == "validate":
+        from .validation import BatchExpectations, validate_batch
+
+        expected = BatchExpectations.from_state(load_state(args.state)) if args.state else BatchExpectations.none()
+        result = validate_batch(args.batch, expected, params.validation, args.out)
+        print(result.summary())
+        return 0 if result.accepted else 1
+    from .monitoring import monitor_state
+
+    report = monitor_state(load_state(args.state), params.monitoring, stage=args.stage, out_dir=args.out,
+                           workspace=args.workspace)
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 def _production_command(args, params) -> int:

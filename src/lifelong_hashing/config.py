@@ -139,6 +139,33 @@ class ServingConfig(_Strict):
     poll_seconds: float = Field(1.0, gt=0)
 
 
+class ValidationConfig(_Strict):
+    """Bounds an incoming batch must meet (``lhash validate``); ranges come from the reference data."""
+
+    range_tolerance: float = Field(1.0, ge=0)  # allowed overshoot beyond a feature's seen range, × range
+    max_out_of_range_share: float = Field(0.05, ge=0, le=1)  # of one item's feature dimensions
+    min_rows: int = Field(1, gt=0)
+    max_rows: int = Field(1_000_000, gt=0)
+    max_labels_per_item: int | None = Field(None, gt=0)  # null: the most any reference item has
+    reports_dir: str = "reports/validation"
+
+
+class MonitoringConfig(_Strict):
+    """Evidently reports per increment and the thresholds that raise alerts (``lhash monitor``)."""
+
+    reports_dir: str = "reports/monitoring"
+    workspace: str = "reports/workspace"  # an Evidently workspace: ``evidently ui --workspace ...``
+    project: str = "lifelong-hashing"
+    reference_rows_per_stage: int = Field(500, gt=0)  # feature rows kept per stage for drift tests
+    projection_dims: int = Field(8, gt=0)  # PCA components per modality in the drift report
+    drift_share: float = Field(0.5, gt=0, le=1)  # share of drifted columns that flags a modality
+    max_forgetting: float = Field(0.5, ge=0)  # alert when any task's forgetting exceeds this (mAP)
+    max_average_map_drop: float = Field(0.25, ge=0)  # alert when average mAP falls more in a stage
+    max_bit_imbalance: float = Field(0.5, ge=0, le=1)  # warn when a bit's |mean| (±1 codes) exceeds it
+    # warn when more items share a code; null: report only (class-code methods collide by design)
+    max_collision_share: float | None = Field(None, ge=0, le=1)
+
+
 class Params(_Strict):
     seed: int = 0
     dataset: DatasetConfig = DatasetConfig()
@@ -151,6 +178,8 @@ class Params(_Strict):
     compare: CompareConfig = CompareConfig()
     export: ExportConfig = ExportConfig()
     serving: ServingConfig = ServingConfig()
+    validation: ValidationConfig = ValidationConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
 
 
 class ConfigError(ValueError):

@@ -90,6 +90,15 @@ def pr_curve(query_codes, db_codes, query_labels, db_labels, bits: int) -> dict[
             "recall": recall.round(6).tolist()}
 
 
+def stage_task_matrix(history: list[dict], direction: str) -> np.ndarray:
+    """(stages, tasks) mAP of each task after each stage; NaN above the diagonal (not yet seen)."""
+    n = len(history)
+    matrix = np.full((n, n), np.nan)
+    for t, rec in enumerate(history):
+        matrix[t, : t + 1] = rec[direction]["task_map"]
+    return matrix
+
+
 def average_map(matrix: np.ndarray) -> np.ndarray:
     """Mean of each stage row over the tasks seen so far (R[t][j] for j ≤ t)."""
     return np.array([np.nanmean(matrix[t, : t + 1]) for t in range(len(matrix))])

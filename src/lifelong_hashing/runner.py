@@ -21,6 +21,7 @@ from .metrics import (
     per_query_ap,
     pr_curve,
     precision_at_k,
+    stage_task_matrix,
 )
 from .report import format_table
 from .stages import StagePlan, plan_stages
@@ -60,7 +61,9 @@ def run_stage(state: RunState, plan: StagePlan) -> dict:
     t = state.stage + 1
     if t >= len(plan.stages):
         raise ValueError(f"all {len(plan.stages)} stages are done")
-    result = state.method.learn(plan.stages[t], state.store)
+    stage = plan.stages[t]
+    result = state.method.learn(stage, state.store)
+    state.reference.add_stage(stage.batch, t, state.params.monitoring.reference_rows_per_stage, state.params.seed)
     record = {**vars(result), "database_size": len(state.store),
               **evaluate_stage(state.method, state.store, plan, t, state.params)}
     state.history.append(record)
@@ -74,9 +77,7 @@ def summarize(state: RunState, plan: StagePlan) -> dict:
                      "bits": state.params.model.bits, "device": history[-1]["device"], "stages": history}
     n = len(history)
     for direction in DIRECTIONS:
-        matrix = np.full((n, n), np.nan)
-        for t, rec in enumerate(history):
-            matrix[t, : t + 1] = rec[direction]["task_map"]
+        matrix = stage_task_matrix(history, direction)
         avg = average_map(matrix)
         forget = forgetting(matrix)
         summary[direction] = {

@@ -98,5 +98,5 @@ def plan_stages(dataset: SplitDataset, cfg: StagesConfig) -> StagePlan:
             raise StagePlanError(f"stage {t} (categories {list(group)}) has no database items")
         b = database.subset(rows)
         stages.append(Stage(t, group, known, Batch(b.ids, b.image, b.text, b.labels[:, : len(known)],
-                                                  known, source=b.source)))
+                                                  known, source=b.source, new_categories=group)))
     return StagePlan(stages, queries, _newest_group(queries.labels, group_of_column))

@@ -1,6 +1,7 @@
 """Everything that carries over between stages, in one directory, so a stage can run in a fresh
-process: method weights and memory (``model/``), the code store (``codes.npz``) and the run's
-history (``state.json``: params, vocabulary, per-stage results and mAP rows).
+process: method weights and memory (``model/``), the code store (``codes.npz``), the reference
+profile of the data trained on (``reference.npz``) and the run's history (``state.json``: params,
+vocabulary, per-stage results and mAP rows).
 
 Saving is atomic: the new state is written beside the old one and swapped in with renames, so
 a crash mid-save leaves the last good state in place.
@@ -18,6 +19,7 @@ from . import __version__
 from .codestore import CodeStore
 from .config import Params
 from .methods import Method, create_method
+from .reference import ReferenceProfile
 
 
 class StateError(ValueError):
@@ -30,6 +32,7 @@ class RunState:
     method: Method
     store: CodeStore
     history: list[dict] = field(default_factory=list)  # one record per completed stage
+    reference: ReferenceProfile = field(default_factory=ReferenceProfile)
 
     @property
     def stage(self) -> int:
@@ -48,6 +51,7 @@ def save_state(state: RunState, directory: str | Path) -> Path:
     try:
         state.method.save(tmp / "model")
         state.store.save(tmp / "codes.npz")
+        state.reference.save(tmp / "reference.npz")
         record = {"project_version": __version__, "method": state.method.name, "stage": state.stage,
                   "categories": list(state.method.categories), "bits": state.params.model.bits,
                   "params": state.params.model_dump(), "history": state.history}
@@ -79,4 +83,4 @@ def load_state(directory: str | Path) -> RunState:
     store = CodeStore.load(directory / "codes.npz")
     if len(store.categories) != len(method.categories):
         raise StateError(f"{directory}: code store and model disagree on the vocabulary")
-    return RunState(params, method, store, record["history"])
+    return RunState(params, method, store, record["history"], ReferenceProfile.load(directory / "reference.npz"))
