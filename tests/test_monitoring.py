@@ -4,9 +4,15 @@ the report as a browser renders it."""
 
 import io
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import yaml
@@ -39,6 +45,12 @@ def runs(tmp_path_factory):
         runner.run_sequence(params, root / method, quiet=True)
         out[method] = {"params": params, "state_dir": root / method / "state"}
     return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _drift_warnings(reference, current):
@@ -108,6 +120,31 @@ def test_every_increment_lands_in_the_evidently_workspace(runs, tmp_path):
     ws = Workspace(str(tmp_path / "ws"))
     (project,) = ws.search_project(config.project)
     assert {str(s) for s in ws.list_runs(project.id)} == {first.snapshot_id, second.snapshot_id}
+
+    # `evidently ui` on that workspace serves the history: one forgetting series across increments.
+    port = _free_port()
+    ui = subprocess.Popen([str(Path(sys.executable).parent / "evidently"), "ui", "--workspace", str(tmp_path / "ws"),
+                           "--host", "127.0.0.1", "--port", str(port)], cwd=tmp_path,
+                          env={**os.environ, "DO_NOT_TRACK": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}/api"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                projects = httpx.get(f"{base}/projects", timeout=5).json()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline and ui.poll() is None, "evidently ui did not start"
+                time.sleep(0.5)
+        assert [p["name"] for p in projects] == [config.project]
+        query = {"series_filter": [{"tags": [], "metadata": {}, "metric": "evidently:metric_v2:Forgetting",
+                                    "metric_labels": {"direction": "t2i"}}]}
+        history = httpx.post(f"{base}/v2/snapshots/{projects[0]['id']}/data_series_batch", json=query, timeout=30)
+        (series,) = history.json()["series"]
+        assert series["values"] == pytest.approx([first.values["Forgetting[t2i]"], second.values["Forgetting[t2i]"]])
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
 
 
 def test_cli_monitor_exits_non_zero_on_alerts(runs, tmp_path, capsys):

@@ -13,6 +13,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")  # Evidently's telemetry: no network 
 
 import numpy as np  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
+from evidently._pydantic_compat import PrivateAttr  # noqa: E402
 from evidently.core.metric_types import SingleValueCalculation, SingleValueMetric  # noqa: E402
 from evidently.legacy.renderers.html_widgets import CounterData, WidgetSize, counter, plotly_figure  # noqa: E402
 
@@ -128,12 +129,16 @@ class CodeCollisionsCalculation(SingleValueCalculation[CodeCollisions]):
 class Forgetting(SingleValueMetric):
     """Largest forgetting of any earlier task after this stage (mAP points)."""
     direction: str
-    matrix: list[list[float | None]]
+    _matrix: np.ndarray = PrivateAttr()  # stage×task mAP: data, not a parameter, so one series per direction
+
+    def with_matrix(self, matrix: np.ndarray):
+        self._matrix = matrix
+        return self
 
 
 class ForgettingCalculation(SingleValueCalculation[Forgetting]):
     def calculate(self, context, current_data, reference_data):
-        m = np.array(self.metric.matrix, dtype=float)
+        m = self.metric._matrix
         forget = forgetting_per_task(m)
         result = self.result(float(forget.max()) if len(forget) else 0.0)
         fig = go.Figure([go.Scatter(x=list(range(j, len(m))), y=m[j:, j], mode="lines+markers",
@@ -150,12 +155,16 @@ class ForgettingCalculation(SingleValueCalculation[Forgetting]):
 class AverageMapDrop(SingleValueMetric):
     """How much the average mAP over tasks seen so far fell in this stage (negative: rose)."""
     direction: str
-    matrix: list[list[float | None]]
+    _matrix: np.ndarray = PrivateAttr()  # stage×task mAP: data, not a parameter, so one series per direction
+
+    def with_matrix(self, matrix: np.ndarray):
+        self._matrix = matrix
+        return self
 
 
 class AverageMapDropCalculation(SingleValueCalculation[AverageMapDrop]):
     def calculate(self, context, current_data, reference_data):
-        avg = average_map(np.array(self.metric.matrix, dtype=float))
+        avg = average_map(self.metric._matrix)
         drop = float(avg[-2] - avg[-1]) if len(avg) > 1 else 0.0
         result = self.result(drop)
         fig = go.Figure(go.Scatter(x=list(range(len(avg))), y=avg, mode="lines+markers", name="average mAP"))

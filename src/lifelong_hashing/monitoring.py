@@ -129,11 +129,12 @@ def drift_frames(reference: dict[str, np.ndarray], current: dict[str, np.ndarray
     ref_cols, cur_cols = {}, {}
     for m in reference:
         r, c = np.asarray(reference[m], np.float64), np.asarray(current[m], np.float64)
-        mean, axes = pca_projection(r, projection_dims)
+        mean, axes = pca_projection(r, projection_dims) if len(r) > 1 else (None, None)
         for name, x, out in ((m, r, ref_cols), (m, c, cur_cols)):
             out.update({f"{name}_f{i}": x[:, i] for i in range(x.shape[1])})
-            proj = (x - mean) @ axes.T
-            out.update({f"{name}_pc{k}": proj[:, k] for k in range(proj.shape[1])})
+            if axes is not None:
+                proj = (x - mean) @ axes.T
+                out.update({f"{name}_pc{k}": proj[:, k] for k in range(proj.shape[1])})
     for codes, out in ((reference_codes, ref_cols), (current_codes, cur_cols)):
         for m, bits in (codes or {}).items():
             out.update({f"{m}_bit{j}": (bits[:, j] > 0).astype(np.int8) for j in range(bits.shape[1])})
@@ -168,11 +169,12 @@ def build_report(reference_frame, current_frame, config: MonitoringConfig, histo
         collisions = [] if config.max_collision_share is None else [lte(config.max_collision_share, is_critical=False)]
         metrics.append(custom.CodeCollisions(modality=m, tests=collisions))
     for direction in DIRECTION_NAMES if history else ():
-        matrix = [[None if np.isnan(v) else float(v) for v in row] for row in stage_task_matrix(history, direction)]
-        metrics.append(custom.Forgetting(direction=direction, matrix=matrix,
-                                            tests=[lte(config.max_forgetting, is_critical=True)]))
-        metrics.append(custom.AverageMapDrop(direction=direction, matrix=matrix,
-                                                tests=[lte(config.max_average_map_drop, is_critical=True)]))
+        matrix = stage_task_matrix(history, direction)
+        metrics.append(custom.Forgetting(direction=direction, tests=[lte(config.max_forgetting, is_critical=True)])
+                       .with_matrix(matrix))
+        metrics.append(custom.AverageMapDrop(direction=direction,
+                                             tests=[lte(config.max_average_map_drop, is_critical=True)])
+                       .with_matrix(matrix))
     definition = DataDefinition(numerical_columns=list(current_frame.columns))
     report = Report(metrics, include_tests=True, metadata=metadata or {}, tags=["lifelong-hashing"])
     current = Dataset.from_pandas(current_frame, data_definition=definition)
@@ -247,10 +249,29 @@ def save_report(snapshot, stage: int, out: Path, workspace: Path | None, project
 
         ws = Workspace.create(str(workspace))
         found = ws.search_project(project)
-        proj = found[0] if found else ws.create_project(project, description="one snapshot per increment")
+        proj = found[0] if found else _new_project(ws, project)
         report.workspace, report.snapshot_id = str(workspace), str(ws.add_run(proj.id, snapshot).id)
     (out / "monitor.json").write_text(json.dumps(asdict(report), indent=2))
     return report
+
+
+def _new_project(ws, name: str):
+    """A workspace project whose dashboard plots the history across increments."""
+    from evidently.sdk.models import PanelMetric
+    from evidently.sdk.panels import line_plot_panel
+
+    project = ws.create_project(name, description="one Evidently snapshot per lifelong increment")
+    modalities = {m: m for m in MODALITIES}
+    panels = [
+        ("Forgetting (largest over earlier tasks)", "Forgetting", "direction", DIRECTION_NAMES),
+        ("Average mAP drop in the stage", "AverageMapDrop", "direction", DIRECTION_NAMES),
+        ("Share of raw feature dimensions drifted", "FeatureDriftShare", "modality", modalities),
+        ("Mean bit entropy", "BitEntropy", "modality", modalities),
+    ]
+    for title, metric, label, subjects in panels:
+        project.dashboard.add_panel(line_plot_panel(title, [
+            PanelMetric(legend=name, metric=metric, metric_labels={label: key}) for key, name in subjects.items()]))
+    return project
 
 
 def _add_title(html: Path, title: str) -> None:
