@@ -126,19 +126,29 @@ class CodeCollisionsCalculation(SingleValueCalculation[CodeCollisions]):
         return f"Colliding codes ({self.metric.modality})"
 
 
-class Forgetting(SingleValueMetric):
-    """Largest forgetting of any earlier task after this stage (mAP points)."""
+class StageTaskMetric(SingleValueMetric):
+    """A metric of the stage×task mAP matrix of one direction. The matrix is data, not a
+    parameter (a private attribute), so that every increment's value lands in one series."""
+
     direction: str
-    _matrix: np.ndarray = PrivateAttr()  # stage×task mAP: data, not a parameter, so one series per direction
+    _matrix: np.ndarray = PrivateAttr()
 
     def with_matrix(self, matrix: np.ndarray):
         self._matrix = matrix
         return self
 
+    @property
+    def matrix(self) -> np.ndarray:
+        return self._matrix
+
+
+class Forgetting(StageTaskMetric):
+    """Largest forgetting of any earlier task after this stage (mAP points)."""
+
 
 class ForgettingCalculation(SingleValueCalculation[Forgetting]):
     def calculate(self, context, current_data, reference_data):
-        m = self.metric._matrix
+        m = self.metric.matrix
         forget = forgetting_per_task(m)
         result = self.result(float(forget.max()) if len(forget) else 0.0)
         fig = go.Figure([go.Scatter(x=list(range(j, len(m))), y=m[j:, j], mode="lines+markers",
@@ -152,19 +162,13 @@ class ForgettingCalculation(SingleValueCalculation[Forgetting]):
         return f"Forgetting ({DIRECTION_NAMES[self.metric.direction]})"
 
 
-class AverageMapDrop(SingleValueMetric):
+class AverageMapDrop(StageTaskMetric):
     """How much the average mAP over tasks seen so far fell in this stage (negative: rose)."""
-    direction: str
-    _matrix: np.ndarray = PrivateAttr()  # stage×task mAP: data, not a parameter, so one series per direction
-
-    def with_matrix(self, matrix: np.ndarray):
-        self._matrix = matrix
-        return self
 
 
 class AverageMapDropCalculation(SingleValueCalculation[AverageMapDrop]):
     def calculate(self, context, current_data, reference_data):
-        avg = average_map(self.metric._matrix)
+        avg = average_map(self.metric.matrix)
         drop = float(avg[-2] - avg[-1]) if len(avg) > 1 else 0.0
         result = self.result(drop)
         fig = go.Figure(go.Scatter(x=list(range(len(avg))), y=avg, mode="lines+markers", name="average mAP"))
