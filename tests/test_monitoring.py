@@ -156,6 +156,9 @@ def test_cli_monitor_exits_non_zero_on_alerts(runs, tmp_path, capsys):
                  "--out", str(tmp_path / "report"), "--workspace", str(tmp_path / "ws")])
     out = capsys.readouterr().out
     assert code == 1 and "ALERT   Forgetting[" in out and str(tmp_path / "report" / "report.html") in out
+    assert main(["--params", str(params_file), "monitor", "--state", str(runs["finetune"]["state_dir"]),
+                 "--stage", "5"]) == 2
+    assert "stage 5 is not in this state (stages 0..1)" in capsys.readouterr().err
 
 
 def test_report_renders_in_headless_chromium(runs, tmp_path):

@@ -217,10 +217,15 @@ def monitor_state(state, config: MonitoringConfig, *, stage: int | None = None, 
                   workspace: str | Path | None = None) -> MonitorReport:
     """Write the report of one increment of a state (default: the latest) as HTML and JSON and
     add it to the Evidently workspace."""
+    from .state import StateError
+
     t = state.stage if stage is None else stage
     if not 0 <= t <= state.stage:
-        raise ValueError(f"stage {t} is not in this state (stages 0..{state.stage})")
+        raise StateError(f"stage {t} is not in this state (stages 0..{state.stage})")
     ref = state.reference
+    if not ref.rows(t).any():
+        raise StateError(f"the state has no reference sample of stage {t} (saved by an older version: "
+                         "run the stages again to monitor them)")
     old, new = ref.rows(slice(None, t)), ref.rows(t)
     codes = {m: _codes_for(state.store, ref.ids, m) for m in MODALITIES}
     reference_frame, current_frame = drift_frames(
