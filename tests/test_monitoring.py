@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from lifelong_hashing import runner
+from lifelong_hashing.batch import Batch
 from lifelong_hashing.cli import main
 from lifelong_hashing.config import MonitoringConfig, load_params
 from lifelong_hashing.datasets import load_dataset
@@ -71,15 +72,15 @@ def test_drift_is_flagged_for_a_shifted_batch_and_not_for_an_iid_split():
     assert iid["FeatureDriftShare[image]"] < 0.2 and iid["FeatureDriftShare[text]"] < 0.2
 
     scaled = current.image * 3
-    warnings, values = _drift_warnings(reference, type(current)(current.ids, scaled, current.text, current.labels,
-                                                                current.categories))
+    warnings, values = _drift_warnings(reference, Batch(current.ids, scaled, current.text, current.labels,
+                                                        current.categories))
     assert any(w.startswith("FeatureDriftShare[image]") for w in warnings)
     assert any(w.startswith("DriftedColumnsCount[image_pc]") for w in warnings)
     assert not any("[text" in w for w in warnings), "text was left alone and must not drift"
 
     permuted = current.text[:, np.random.default_rng(1).permutation(current.text.shape[1])]
-    warnings, values = _drift_warnings(reference, type(current)(current.ids, current.image, permuted,
-                                                                current.labels, current.categories))
+    warnings, values = _drift_warnings(reference, Batch(current.ids, current.image, permuted, current.labels,
+                                                        current.categories))
     assert any(w.startswith("DriftedColumnsCount[text_pc]") for w in warnings)
     # Sparse TF-IDF columns look alike, so a permutation moves fewer of them than it moves PCs.
     assert values["FeatureDriftShare[text]"] > 3 * iid["FeatureDriftShare[text]"]

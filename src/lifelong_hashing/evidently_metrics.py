@@ -17,13 +17,12 @@ from evidently._pydantic_compat import PrivateAttr  # noqa: E402
 from evidently.core.metric_types import SingleValueCalculation, SingleValueMetric  # noqa: E402
 from evidently.legacy.renderers.html_widgets import CounterData, WidgetSize, counter, plotly_figure  # noqa: E402
 
-from .metrics import average_map  # noqa: E402
+from .metrics import average_map, forgetting  # noqa: E402
 from .monitoring import (  # noqa: E402
     DIRECTION_NAMES,
     KS_P_VALUE,
     bit_entropy,
     collision_share,
-    forgetting_per_task,
     hamming_groups,
     ks_drift_share,
 )
@@ -36,6 +35,14 @@ def columns(dataset, prefix: str) -> np.ndarray:
 
 def codes(dataset, modality: str) -> np.ndarray:
     return (columns(dataset, f"{modality}_bit") * 2 - 1).astype(np.int8)
+
+
+def old_and_new_codes(current_data, reference_data, modality: str) -> np.ndarray:
+    """The ±1 codes of the new items and, where there is a reference, of the old ones."""
+    parts = [codes(current_data, modality)]
+    if reference_data is not None:
+        parts.append(codes(reference_data, modality))
+    return np.concatenate(parts)
 
 
 def widgets(title: str, figure, text: str):
@@ -70,10 +77,7 @@ class BitBalance(SingleValueMetric):
 
 class BitBalanceCalculation(SingleValueCalculation[BitBalance]):
     def calculate(self, context, current_data, reference_data):
-        parts = [codes(current_data, self.metric.modality)]
-        if reference_data is not None:
-            parts.append(codes(reference_data, self.metric.modality))
-        bits = np.concatenate(parts)
+        bits = old_and_new_codes(current_data, reference_data, self.metric.modality)
         means, entropy = bits.mean(axis=0), bit_entropy(bits)
         result = self.result(float(np.abs(means).max()))
         fig = go.Figure([go.Bar(y=means, name="bit mean (±1)"), go.Bar(y=entropy, name="entropy (bits)")])
@@ -94,10 +98,8 @@ class BitEntropy(SingleValueMetric):
 
 class BitEntropyCalculation(SingleValueCalculation[BitEntropy]):
     def calculate(self, context, current_data, reference_data):
-        parts = [codes(current_data, self.metric.modality)]
-        if reference_data is not None:
-            parts.append(codes(reference_data, self.metric.modality))
-        return self.result(float(bit_entropy(np.concatenate(parts)).mean()))
+        return self.result(float(bit_entropy(old_and_new_codes(current_data, reference_data,
+                                                               self.metric.modality)).mean()))
 
     def display_name(self) -> str:
         return f"Mean bit entropy ({self.metric.modality} codes)"
@@ -149,7 +151,7 @@ class Forgetting(StageTaskMetric):
 class ForgettingCalculation(SingleValueCalculation[Forgetting]):
     def calculate(self, context, current_data, reference_data):
         m = self.metric.matrix
-        forget = forgetting_per_task(m)
+        forget = forgetting(m)
         result = self.result(float(forget.max()) if len(forget) else 0.0)
         fig = go.Figure([go.Scatter(x=list(range(j, len(m))), y=m[j:, j], mode="lines+markers",
                                     name=f"task {j}") for j in range(m.shape[1])])

@@ -86,12 +86,6 @@ def hamming_groups(old: np.ndarray, new: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def forgetting_per_task(matrix: np.ndarray) -> np.ndarray:
-    """After the last stage, per earlier task: best mAP before now minus mAP now."""
-    last = len(matrix) - 1
-    return np.array([np.nanmax(matrix[j:last, j]) - matrix[last, j] for j in range(last)])
-
-
 # ---- the report ---------------------------------------------------------------------------
 
 @dataclass
@@ -223,10 +217,10 @@ def monitor_state(state, config: MonitoringConfig, *, stage: int | None = None, 
     if not 0 <= t <= state.stage:
         raise StateError(f"stage {t} is not in this state (stages 0..{state.stage})")
     ref = state.reference
-    if not ref.rows(t).any():
+    old, new = ref.rows(slice(None, t)), ref.rows(t)
+    if not new.any():
         raise StateError(f"the state has no reference sample of stage {t} (saved by an older version: "
                          "run the stages again to monitor them)")
-    old, new = ref.rows(slice(None, t)), ref.rows(t)
     codes = {m: _codes_for(state.store, ref.ids, m) for m in MODALITIES}
     reference_frame, current_frame = drift_frames(
         {m: ref.samples[m][old] for m in MODALITIES}, {m: ref.samples[m][new] for m in MODALITIES},

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -289,7 +289,6 @@ def _failure(r) -> Failure:
 def _write(result: ValidationResult, out: Path, html: str | None) -> ValidationResult:
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "validation.json"
-    final = ValidationResult(**{**asdict(result), "failures": result.failures, "json_path": str(json_path),
-                                "html_path": html})
+    final = replace(result, json_path=str(json_path), html_path=html)
     json_path.write_text(json.dumps(asdict(final), indent=2))
     return final
