@@ -21,15 +21,16 @@ def _user_errors() -> tuple[type[Exception], ...]:
     neither PyTorch nor ONNX."""
     from .export import ExportError
     from .methods import MethodError
+    from .registry import RegistryError
     from .retrieval import ModelLoadError, QueryError
     from .state import StateError
     from .versions import VersionError
 
     return (BatchError, CodeStoreError, ConfigError, MethodError, StagePlanError, StateError, ExportError,
-            ModelLoadError, QueryError, VersionError)
+            ModelLoadError, QueryError, VersionError, RegistryError)
 
 
-def _overrides(pairs: list[str]) -> dict:
+def parse_overrides(pairs: list[str]) -> dict:
     """``-S model.bits=32`` style overrides, values parsed as YAML (numbers, lists, strings)."""
     out = {}
     for pair in pairs:
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     mon.add_argument("--stage", type=int, help="which increment (default: the latest)")
     mon.add_argument("--out", help="report folder (default: monitoring.reports_dir/stage-NN)")
     mon.add_argument("--workspace", help="Evidently workspace (default: monitoring.workspace)")
+    back = sub.add_parser("rollback", help="serve an earlier pipeline version again (its git tag + dvc checkout)")
+    back.add_argument("tag", help="e.g. model-v2 (git tag in pipeline.workspace)")
     find = sub.add_parser("search", help="query a running service, a models folder or a state folder")
     where = find.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="a running service, e.g. http://127.0.0.1:8000")
@@ -91,9 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     from . import runner  # PyTorch loads here, after argument parsing
 
     try:
-        params = load_params(args.params, _overrides(args.set))
+        params = load_params(args.params, parse_overrides(args.set))
         if args.command in ("export", "promote", "serve", "search"):
             return _production_command(args, params)
+        if args.command == "rollback":
+            from .registry import Registry
+
+            registry = Registry.from_params(params)
+            with registry.acquire(params.pipeline.lock_timeout_seconds):
+                version = registry.rollback(args.tag)
+            print(f"{registry.root}: restored {args.tag}; serving {version} from {registry.models_dir}")
+            return 0
         if args.command in ("validate", "monitor"):
             return _data_command(args, params)
         if args.command == "run":

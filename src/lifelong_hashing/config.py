@@ -166,6 +166,29 @@ class MonitoringConfig(_Strict):
     max_collision_share: float | None = Field(None, ge=0, le=1)
 
 
+class ScheduleConfig(_Strict):
+    """When the served deployment scans the incoming folder: every ``interval_seconds``, or on
+    a ``cron`` expression when one is set."""
+
+    interval_seconds: int = Field(300, gt=0)
+    cron: str | None = None
+
+
+class PipelineConfig(_Strict):
+    """The operational pipeline (``flows/``): where batches arrive, where rejected ones go, and
+    the git + DVC repository that keeps every promoted version."""
+
+    incoming: str = "data/incoming"  # drop batch .npz files here
+    quarantine: str = "data/quarantine"  # rejected batches, each with its validation report
+    workspace: str = "runs/pipeline"  # git + DVC repository: state, models, batches, reports, metrics
+    remote: str = "runs/dvc-remote"  # DVC remote: a folder (created on first use) or any DVC URL
+    queries: str | None = None  # evaluation queries (a batch .npz); null: the dataset's query split
+    block_on_alerts: bool = True  # a monitoring alert (forgetting, mAP drop) stops promotion
+    lock_timeout_seconds: float = Field(600, ge=0)  # how long a run waits for another to finish
+    push_retries: int = Field(3, ge=0)
+    schedule: ScheduleConfig = ScheduleConfig()
+
+
 class Params(_Strict):
     seed: int = 0
     dataset: DatasetConfig = DatasetConfig()
@@ -180,6 +203,7 @@ class Params(_Strict):
     serving: ServingConfig = ServingConfig()
     validation: ValidationConfig = ValidationConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
 
 class ConfigError(ValueError):

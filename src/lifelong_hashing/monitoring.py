@@ -36,6 +36,9 @@ KS_P_VALUE = 0.05  # per-dimension drift test level
 
 # ---- numbers (plain numpy: the Evidently metrics below only present them) -------------------
 
+SNAPSHOT_FILE = "snapshot.json"  # the full snapshot, loadable again (evidently.json holds the results)
+
+
 def ks_drift_share(reference: np.ndarray, current: np.ndarray, p_value: float = KS_P_VALUE) -> tuple[float, np.ndarray]:
     """Share of dimensions whose two-sample K-S test rejects at ``p_value``, and all p-values.
     Dimensions constant and equal in both samples cannot drift and count as not drifted."""
@@ -208,9 +211,9 @@ def _metric_label(name: str, params: dict) -> str:
 
 
 def monitor_state(state, config: MonitoringConfig, *, stage: int | None = None, out_dir: str | Path | None = None,
-                  workspace: str | Path | None = None) -> MonitorReport:
-    """Write the report of one increment of a state (default: the latest) as HTML and JSON and
-    add it to the Evidently workspace."""
+                  workspace: str | Path | None = None, to_workspace: bool = True) -> MonitorReport:
+    """Write the report of one increment of a state (default: the latest) as HTML and JSON and,
+    unless told not to, add it to the Evidently workspace (``workspace`` or the configured one)."""
     from .state import StateError
 
     t = state.stage if stage is None else stage
@@ -232,26 +235,40 @@ def monitor_state(state, config: MonitoringConfig, *, stage: int | None = None, 
                 "bits": state.params.model.bits}
     snapshot = build_report(reference_frame, current_frame, config, state.history[: t + 1], title, metadata)
     out = Path(out_dir) if out_dir else Path(config.reports_dir) / f"stage-{t:02d}"
-    return save_report(snapshot, t, out, Path(workspace or config.workspace), config.project)
+    target = Path(workspace or config.workspace) if to_workspace else None
+    return save_report(snapshot, t, out, target, config.project)
 
 
 def save_report(snapshot, stage: int, out: Path, workspace: Path | None, project: str) -> MonitorReport:
+    """Write report.html, evidently.json and monitor.json; with ``workspace``, add the snapshot there."""
     alerts, warnings, values, tests = snapshot_findings(snapshot)
     out.mkdir(parents=True, exist_ok=True)
     html, raw = out / "report.html", out / "evidently.json"
     snapshot.save_html(str(html))
     _add_title(html, snapshot.get_name() or f"Stage {stage}")
     snapshot.save_json(str(raw))
+    (out / SNAPSHOT_FILE).write_text(snapshot.dumps())
     report = MonitorReport(stage, alerts, warnings, values, str(html), str(out / "monitor.json"), tests=tests)
     if workspace is not None:
-        from evidently.ui.workspace import Workspace
-
-        ws = Workspace.create(str(workspace))
-        found = ws.search_project(project)
-        proj = found[0] if found else _new_project(ws, project)
-        report.workspace, report.snapshot_id = str(workspace), str(ws.add_run(proj.id, snapshot).id)
+        report.workspace, report.snapshot_id = str(workspace), add_to_workspace(snapshot, workspace, project)
     (out / "monitor.json").write_text(json.dumps(asdict(report), indent=2))
     return report
+
+
+def add_to_workspace(snapshot, workspace: str | Path, project: str) -> str:
+    """Add a snapshot (or a report folder's saved one) to the workspace project, creating both on
+    first use; returns the snapshot id."""
+    from evidently.core.report import Snapshot
+    from evidently.ui.workspace import Workspace
+
+    from . import evidently_metrics  # noqa: F401  (the custom metrics must be known to load one)
+
+    if not isinstance(snapshot, Snapshot):
+        snapshot = Snapshot.load(str(Path(snapshot) / SNAPSHOT_FILE))
+    ws = Workspace.create(str(workspace))
+    found = ws.search_project(project)
+    proj = found[0] if found else _new_project(ws, project)
+    return str(ws.add_run(proj.id, snapshot).id)
 
 
 def _new_project(ws, name: str):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .batch import Batch
 from .codestore import CodeStore
 from .config import Params
 from .datasets import load_dataset
@@ -24,7 +25,7 @@ from .metrics import (
     stage_task_matrix,
 )
 from .report import format_table
-from .stages import StagePlan, plan_stages
+from .stages import Stage, StagePlan, plan_stages, queries_by_task
 from .state import RunState, load_state, new_state, save_state
 
 DIRECTIONS = {"i2t": ("image", "text"), "t2i": ("text", "image")}  # query modality, database side
@@ -34,48 +35,60 @@ def build_plan(params: Params) -> StagePlan:
     return plan_stages(load_dataset(params.dataset, params.seed), params.stages)
 
 
-def evaluate_stage(method: Method, store: CodeStore, plan: StagePlan, t: int, params: Params) -> dict:
-    """Retrieval quality after stage t, both directions: per-task mAP (a row of the stage×task
-    matrix) and, over all answerable queries, mAP@all, mAP@R and precision@k."""
-    queries, task = plan.queries_at(t)
+def evaluate_stage(method: Method, store: CodeStore, queries: Batch, groups: list[tuple[str, ...]],
+                   params: Params) -> dict:
+    """Retrieval quality after the stages that introduced ``groups``, both directions: per-task
+    mAP (a row of the stage×task matrix) and, over all answerable queries, mAP@all, mAP@R and
+    precision@k."""
+    answerable, task = queries_by_task(queries, groups)
     out = {}
     for direction, (query_side, db_side) in DIRECTIONS.items():
-        q_codes = method.encode(query_side, getattr(queries, query_side))
+        q_codes = method.encode(query_side, getattr(answerable, query_side))
         db_codes = store.codes[db_side]
-        ap = per_query_ap(q_codes, db_codes, queries.labels, store.labels)
+        ap = per_query_ap(q_codes, db_codes, answerable.labels, store.labels)
         scores = {
             "map_all": float(np.nanmean(ap)),
-            "task_map": [float(np.nanmean(ap[task == j])) for j in range(t + 1)],
-            "queries": int(len(queries)),
+            "task_map": [float(np.nanmean(ap[task == j])) for j in range(len(groups))],
+            "queries": int(len(answerable)),
         }
         for r in params.eval.map_at:
-            scores[f"map_at_{r}"] = mean_average_precision(q_codes, db_codes, queries.labels, store.labels, r)
+            scores[f"map_at_{r}"] = mean_average_precision(q_codes, db_codes, answerable.labels, store.labels, r)
         for k in params.eval.precision_at:
-            scores[f"precision_at_{k}"] = precision_at_k(q_codes, db_codes, queries.labels, store.labels, k)
+            scores[f"precision_at_{k}"] = precision_at_k(q_codes, db_codes, answerable.labels, store.labels, k)
         out[direction] = scores
     return out
 
 
-def run_stage(state: RunState, plan: StagePlan) -> dict:
-    """Train the next stage, evaluate it and append its record to the state's history."""
-    t = state.stage + 1
-    if t >= len(plan.stages):
-        raise ValueError(f"all {len(plan.stages)} stages are done")
-    stage = plan.stages[t]
+def stage_groups(state: RunState) -> list[tuple[str, ...]]:
+    """The categories each completed stage introduced, in stage order."""
+    return [tuple(record["new_categories"]) for record in state.history]
+
+
+def learn_stage(state: RunState, stage: Stage, queries: Batch) -> dict:
+    """Train one stage, evaluate it on ``queries`` and append its record to the state's history."""
     result = state.method.learn(stage, state.store)
-    state.reference.add_stage(stage.batch, t, state.params.monitoring.reference_rows_per_stage, state.params.seed)
+    state.reference.add_stage(stage.batch, stage.index, state.params.monitoring.reference_rows_per_stage,
+                              state.params.seed)
+    groups = stage_groups(state) + [tuple(stage.new_categories)]
     record = {**vars(result), "database_size": len(state.store),
-              **evaluate_stage(state.method, state.store, plan, t, state.params)}
+              **evaluate_stage(state.method, state.store, queries, groups, state.params)}
     state.history.append(record)
     return record
 
 
-def summarize(state: RunState, plan: StagePlan) -> dict:
+def run_stage(state: RunState, plan: StagePlan) -> dict:
+    """Train the next stage of a plan."""
+    t = state.stage + 1
+    if t >= len(plan.stages):
+        raise ValueError(f"all {len(plan.stages)} stages are done")
+    return learn_stage(state, plan.stages[t], plan.queries)
+
+
+def summarize(state: RunState, queries: Batch) -> dict:
     """The metrics.json of a run: per-stage records, the stage×task matrices and their summaries."""
     history = state.history
     summary: dict = {"method": state.method.name, "dataset": state.params.dataset.name,
                      "bits": state.params.model.bits, "device": history[-1]["device"], "stages": history}
-    n = len(history)
     for direction in DIRECTIONS:
         matrix = stage_task_matrix(history, direction)
         avg = average_map(matrix)
@@ -90,10 +103,10 @@ def summarize(state: RunState, plan: StagePlan) -> dict:
         }
     summary["total_train_seconds"] = float(sum(r["train_seconds"] for r in history))
     summary["total_codes_rewritten"] = int(sum(r["codes_rewritten"] for r in history))
-    queries, _ = plan.queries_at(n - 1)
+    answerable, _ = queries_by_task(queries, stage_groups(state))
     bits = state.params.model.bits
     summary["pr_curve"] = {
-        d: pr_curve(state.method.encode(q, getattr(queries, q)), state.store.codes[db], queries.labels,
+        d: pr_curve(state.method.encode(q, getattr(answerable, q)), state.store.codes[db], answerable.labels,
                     state.store.labels, bits)
         for d, (q, db) in DIRECTIONS.items()}
     return summary
@@ -114,10 +127,27 @@ def stage_table(summary: dict) -> str:
     return text
 
 
+def task_map_rows(summary: dict, direction: str) -> list[dict]:
+    """One row per (stage, task) of a direction's stage×task matrix: the data of ``dvc plots``."""
+    return [{"stage": t, "task": f"task {j}", "map": v}
+            for t, row in enumerate(summary[direction]["matrix"]) for j, v in enumerate(row) if v is not None]
+
+
 def write_outputs(summary: dict, out_dir: Path) -> None:
+    """metrics.json, table.md and plots/map_<direction>.csv (mAP per task across stages)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "table.md").write_text(stage_table(summary) + "\n")
+    write_plots(summary, out_dir / "plots")
+
+
+def write_plots(summary: dict, plots_dir: Path) -> None:
+    """``map_<direction>.csv``: mAP per task across stages, what ``dvc plots show`` draws."""
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    for direction in DIRECTIONS:
+        lines = ["stage,task,map"] + [f"{r['stage']},{r['task']},{r['map']:.6f}"
+                                      for r in task_map_rows(summary, direction)]
+        (plots_dir / f"map_{direction}.csv").write_text("\n".join(lines) + "\n")
 
 
 def run_sequence(params: Params, out_dir: str | Path, *, quiet: bool = False) -> dict:
@@ -129,7 +159,7 @@ def run_sequence(params: Params, out_dir: str | Path, *, quiet: bool = False) ->
     for _ in tqdm(plan.stages, desc=f"{params.method.name} stages", disable=quiet or None):
         run_stage(state, plan)
         save_state(state, out_dir / "state")
-    summary = summarize(state, plan)
+    summary = summarize(state, plan.queries)
     write_outputs(summary, out_dir)
     return summary
 
@@ -146,7 +176,7 @@ def resume_stage(params: Params, state_dir: str | Path) -> dict:
     record = run_stage(state, plan)
     save_state(state, state_dir)
     if state.stage == len(plan.stages) - 1:
-        write_outputs(summarize(state, plan), state_dir.parent)
+        write_outputs(summarize(state, plan.queries), state_dir.parent)
     return record
 
 

@@ -40,11 +40,24 @@ class StagePlan:
 
     def queries_at(self, t: int) -> tuple[Batch, np.ndarray]:
         """The queries answerable at stage t (all labels known) and their task ids."""
-        rows = self.query_task <= t
-        known = len(self.stages[t].categories)
-        q = self.queries.subset(rows)
-        return Batch(q.ids, q.image, q.text, q.labels[:, :known], self.stages[t].categories,
-                     source=q.source), self.query_task[rows]
+        return queries_by_task(self.queries, [s.new_categories for s in self.stages[: t + 1]])
+
+
+def queries_by_task(queries: Batch, groups: list[tuple[str, ...]]) -> tuple[Batch, np.ndarray]:
+    """The queries whose labels all lie in ``groups`` (the categories each stage introduced),
+    labels over those categories in stage order, and the stage of each query's newest label:
+    the task it belongs to in the stage×task matrix."""
+    known = tuple(c for g in groups for c in g)
+    inside = np.isin(np.asarray(queries.categories), known)
+    rows = (queries.labels[:, ~inside].sum(axis=1) == 0) & (queries.labels.sum(axis=1) > 0)
+    q = queries.subset(rows)
+    columns = [q.categories.index(c) if c in q.categories else None for c in known]
+    labels = np.zeros((len(q), len(known)), np.uint8)
+    for j, c in enumerate(columns):
+        if c is not None:
+            labels[:, j] = q.labels[:, c]
+    group_of_column = np.concatenate([np.full(len(g), i) for i, g in enumerate(groups)])
+    return Batch(q.ids, q.image, q.text, labels, known, source=q.source), _newest_group(labels, group_of_column)
 
 
 def category_groups(names: tuple[str, ...], cfg: StagesConfig) -> list[tuple[str, ...]]:

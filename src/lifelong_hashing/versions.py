@@ -33,6 +33,10 @@ class VersionError(ValueError):
     pass
 
 
+def version_name(number: int) -> str:
+    return f"v{number:04d}"
+
+
 def versions_dir(models_dir: str | Path) -> Path:
     return Path(models_dir) / "versions"
 
@@ -52,12 +56,15 @@ def text_vocabulary(cfg: DatasetConfig) -> dict | None:
     return {"words": [str(w) for w in arrays[cfg.vocabulary_key]], "idf": idf, "l2_normalize": cfg.text_l2_normalize}
 
 
-def publish(state: RunState, models_dir: str | Path, cfg: ExportConfig) -> Path:
-    """Export a state's encoders and code store as the next version (not yet promoted)."""
+def publish(state: RunState, models_dir: str | Path, cfg: ExportConfig, number: int | None = None) -> Path:
+    """Export a state's encoders and code store as version ``number`` (default: the next one),
+    not yet promoted."""
     root = versions_dir(models_dir)
     root.mkdir(parents=True, exist_ok=True)
     existing = list_versions(models_dir)
-    name = f"v{(int(existing[-1][1:]) + 1 if existing else 1):04d}"
+    name = version_name(number if number is not None else int(existing[-1][1:]) + 1 if existing else 1)
+    if (root / name).exists():
+        raise VersionError(f"{root / name} already exists")
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.tmp-"))
     try:
         report = export_method(state.method, tmp, model_version=name, int8_min_agreement=cfg.int8_min_agreement)

@@ -1,0 +1,178 @@
+"""The pipeline flow: every batch dropped into the incoming folder becomes a lifelong increment
+(new categories) or an append (known ones), a new DVC-versioned model, and, when every step
+succeeded, the served version.
+
+    python -m flows.pipeline [--params params.yaml] [-S key=value ...]   # one run, now
+    python -m flows.serve                                                # on a schedule
+
+Without ``PREFECT_API_URL`` a run starts Prefect's temporary local server by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from lifelong_hashing import pipeline
+from lifelong_hashing.config import Params, load_params
+from lifelong_hashing.registry import Registry
+from lifelong_hashing.runner import DIRECTIONS
+from lifelong_hashing.versions import promote
+
+STEP = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+@task(name="scan incoming", retries=2, retry_delay_seconds=2, **STEP)
+def scan(registry: Registry, params: Params) -> pipeline.Scan:
+    return pipeline.scan_incoming(params.pipeline.incoming, pipeline.read_manifest(registry))
+
+
+@task(name="validate", **STEP)  # no retries: the same bytes get the same verdict
+def validate(registry: Registry, arrival: pipeline.Arrival, params: Params):
+    return pipeline.validate(registry, arrival, params)
+
+
+@task(name="quarantine", retries=2, retry_delay_seconds=2, **STEP)
+def quarantine(arrival: pipeline.Arrival, params: Params, reason: str, reports: list[Path]) -> Path:
+    return pipeline.quarantine(arrival, params.pipeline.quarantine, reason, reports)
+
+
+@task(name="train", **STEP)
+def train(registry: Registry, arrival: pipeline.Arrival, validation, params: Params) -> pipeline.Candidate:
+    return pipeline.train(registry, arrival, validation, params)
+
+
+@task(name="export onnx", **STEP)
+def export(candidate: pipeline.Candidate, registry: Registry, params: Params) -> pipeline.Candidate:
+    return pipeline.export(candidate, registry, params)
+
+
+@task(name="monitor", **STEP)
+def monitor(candidate: pipeline.Candidate, params: Params) -> pipeline.Candidate:
+    return pipeline.monitor(candidate, params)
+
+
+@task(name="version (dvc)", **STEP)  # pushing is retried inside, per push_retries
+def record(candidate: pipeline.Candidate, registry: Registry, params: Params) -> str:
+    return pipeline.record(candidate, registry, params)
+
+
+@task(name="promote", retries=2, retry_delay_seconds=1, **STEP)
+def promote_version(registry: Registry, version: str) -> None:
+    promote(registry.models_dir, version)
+
+
+@flow(name="lifelong-hashing-pipeline", log_prints=True)
+def process_incoming(params_path: str = "params.yaml", overrides: dict | None = None) -> list[dict]:
+    """Process every new batch in the incoming folder, oldest first. Ends failed, saying why,
+    when a batch was rejected or a step failed; the served version is then the previous one."""
+    logger = get_run_logger()
+    params = load_params(params_path, overrides)
+    registry = Registry.from_params(params)
+    registry.init()
+    outcomes, rejected = [], []
+    with registry.acquire(params.pipeline.lock_timeout_seconds):
+        found = scan(registry, params)
+        for name in found.ignored:
+            logger.warning("incoming: %s is not a batch file (.npz); left alone", name)
+        for arrival, entry in found.duplicates:
+            logger.info("incoming: %s was already processed (%s as %s); removing the copy",
+                        arrival.name, entry.get("tag", "-"), entry.get("name"))
+            arrival.path.unlink(missing_ok=True)
+        for arrival in found.pending:
+            outcome = process_batch(arrival, registry, params)
+            outcomes.append(outcome)
+            if outcome["status"] == "rejected":
+                rejected.append(f"{arrival.name}: {outcome['reason']} (kept in {outcome['quarantine']})")
+    if not found.pending:
+        logger.info("incoming: nothing new in %s", params.pipeline.incoming)
+    if rejected:
+        raise pipeline.BatchRejected("; ".join(rejected))
+    return outcomes
+
+
+def process_batch(arrival: pipeline.Arrival, registry: Registry, params: Params) -> dict:
+    work = registry.work_dir / arrival.key
+    try:
+        validation = validate(registry, arrival, params)
+        if not validation.accepted:
+            reason = "; ".join(f.line(validation.rows) for f in validation.failures)
+            return _reject(arrival, params, f"validation failed: {reason}", [work / "validation"],
+                           validation_html=validation.html_path)
+        candidate = train(registry, arrival, validation, params)
+        candidate = export(candidate, registry, params)
+        candidate = monitor(candidate, params)
+        if candidate.alerts and params.pipeline.block_on_alerts:
+            reports = [Path(candidate.validation_dir), Path(candidate.monitor_dir)]
+            return _reject(arrival, params, "monitoring alerts: " + "; ".join(candidate.alerts), reports)
+        tag = record(candidate, registry, params)
+        version = Path(candidate.version_dir).name
+        promote_version(registry, version)
+        arrival.path.unlink()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    publish_artifacts(candidate, registry, tag, version)
+    return {"status": "promoted", "file": arrival.name, "kind": candidate.kind, "stage": candidate.stage,
+            "version": version, "tag": tag, "new_categories": candidate.new_categories}
+
+
+def _reject(arrival, params: Params, reason: str, reports: list[Path], validation_html: str | None = None) -> dict:
+    dest = quarantine(arrival, params, reason, reports)
+    create_markdown_artifact(
+        key="rejected-batch", description=f"{arrival.name} quarantined",
+        markdown=f"# Batch rejected: `{arrival.name}`\n\n- sha256: `{arrival.sha256}`\n- reason: {reason}\n"
+                 f"- kept in: `{dest}` (the batch, its reports and `reason.json`)\n")
+    if validation_html:
+        page = dest / "validation" / Path(validation_html).relative_to(Path(reports[0]))
+        create_link_artifact(key="validation-report", link=page.resolve().as_uri(),
+                             link_text=f"Great Expectations report of {arrival.name}")
+    return {"status": "rejected", "file": arrival.name, "reason": reason, "quarantine": str(dest)}
+
+
+def publish_artifacts(candidate: pipeline.Candidate, registry: Registry, tag: str, version: str) -> None:
+    """Markdown summary, the stage×task matrix as a table, links to the reports."""
+    metrics = pipeline.read_metrics(registry)
+    lines = [f"# {version} ({tag}): {candidate.kind} of `{candidate.arrival.name}`", "",
+             f"- items: {candidate.items}; stage {candidate.stage}; new categories: "
+             f"{', '.join(candidate.new_categories) or 'none (known categories, codes appended, no training)'}",
+             f"- sha256: `{candidate.arrival.sha256}`", "",
+             "| direction | mAP before | mAP after | mean forgetting |", "|---|---|---|---|"]
+    for d, name in (("i2t", "image→text"), ("t2i", "text→image")):
+        before = f"{candidate.before[d]:.4f}" if candidate.before else "-"
+        lines.append(f"| {name} | {before} | {candidate.after[d]:.4f} | {metrics[d]['mean_forgetting']:.4f} |")
+    lines += ["", "Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in candidate.seconds.items())]
+    lines += [f"- warning: {w}" for w in candidate.warnings] + [f"- alert: {a}" for a in candidate.alerts]
+    create_markdown_artifact(key="increment-summary", markdown="\n".join(lines), description=f"{version} summary")
+    rows = [{"direction": d, "after stage": t, **{f"task {j}": (None if v is None else round(v, 4))
+                                                  for j, v in enumerate(row)}}
+            for d in DIRECTIONS for t, row in enumerate(metrics[d]["matrix"])]
+    create_table_artifact(key="stage-task-map", table=rows, description="mAP per task (columns) after each stage")
+    if candidate.kind == "increment":
+        report = registry.reports_dir / "monitoring" / f"stage-{candidate.stage:02d}" / "report.html"
+        create_link_artifact(key="evidently-report", link=report.as_uri(), link_text=f"Evidently report, {version}")
+    docs = sorted((registry.reports_dir / "validation" / candidate.arrival.key).rglob("index.html"))
+    if docs:
+        create_link_artifact(key="validation-report", link=docs[0].as_uri(),
+                             link_text=f"Great Expectations report of {candidate.arrival.name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    from lifelong_hashing.cli import parse_overrides
+
+    state = process_incoming(args.params, parse_overrides(args.set), return_state=True)
+    print(f"{state.name}: {state.message or ''}".strip())
+    return 0 if state.is_completed() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

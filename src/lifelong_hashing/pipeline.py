@@ -1,0 +1,294 @@
+"""The operational pipeline as plain steps; ``flows/pipeline.py`` runs them as Prefect tasks.
+
+    scan  →  validate  →  train (new categories) | append (known ones)  →  export  →  monitor
+          →  record (DVC + git tag)  →  promote  →  retire the incoming file
+
+Every step before ``record`` writes only into ``<workspace>/.work/<batch>/``; the live state,
+the versions and the serving pointer change only in ``record`` and ``promote``, so a failure
+anywhere earlier leaves the served model as it was and the batch in the incoming folder for the
+next run. A rejected batch (validation, or a monitoring alert when ``block_on_alerts``) moves to
+the quarantine folder with its report.
+
+Incoming file names are recorded, never used to build a path: the batch is known by its content
+hash, and only regular ``.npz`` files directly inside the incoming folder are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .batch import Batch, load_batch
+from .config import Params
+from .datasets import load_dataset
+from .registry import Registry
+from .runner import DIRECTIONS, evaluate_stage, learn_stage, stage_groups, summarize, write_plots
+from .stages import Stage
+from .state import RunState, load_state, new_state, save_state
+from .validation import BatchExpectations, ValidationResult, validate_batch
+
+MANIFEST_KEY = "batches"
+
+
+class BatchRejected(RuntimeError):
+    """A batch was kept aside (quarantined); the message says why."""
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A batch file found in the incoming folder."""
+
+    path: Path
+    name: str  # as dropped; for the record only
+    sha256: str
+    size: int
+
+    @property
+    def key(self) -> str:
+        return self.sha256[:16]
+
+
+@dataclass(frozen=True)
+class Scan:
+    pending: list[Arrival]  # new content, oldest first
+    duplicates: list[tuple[Arrival, dict]]  # content already processed, with its manifest entry
+    ignored: list[str]  # names that are not batch files (directories, links, other suffixes)
+
+
+@dataclass
+class Candidate:
+    """What one batch produced so far; paths point into the work folder until ``record``."""
+
+    arrival: Arrival
+    kind: str  # "increment" (new categories, trained) or "append" (known categories, encoded only)
+    stage: int
+    new_categories: list[str]
+    items: int
+    work: Path
+    before: dict | None  # average mAP per direction before this batch (None for the first)
+    after: dict
+    seconds: dict = field(default_factory=dict)
+    validation_dir: str = ""
+    version_dir: str = ""
+    monitor_dir: str = ""
+    alerts: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.work / "state"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(registry: Registry) -> dict:
+    if not registry.manifest_path.exists():
+        return {MANIFEST_KEY: {}}
+    return json.loads(registry.manifest_path.read_text())
+
+
+def read_metrics(registry: Registry) -> dict:
+    return json.loads(registry.metrics_path.read_text())
+
+
+def scan_incoming(incoming: str | Path, manifest: dict) -> Scan:
+    """Fingerprint each batch file directly inside ``incoming``; the manifest says which are done.
+    Symbolic links are never followed, so no name can lead outside the folder."""
+    incoming = Path(incoming)
+    incoming.mkdir(parents=True, exist_ok=True)
+    done = manifest.get(MANIFEST_KEY, {})
+    found, ignored = [], []
+    for entry in incoming.iterdir():
+        if entry.name.startswith("."):
+            continue  # partial uploads and editor files
+        if entry.is_symlink() or not entry.is_file() or entry.suffix != ".npz":
+            ignored.append(entry.name)
+            continue
+        stat = entry.stat()
+        found.append((stat.st_mtime_ns, entry.name, Arrival(entry, entry.name, sha256_of(entry), stat.st_size)))
+    pending, duplicates, seen = [], [], set()
+    for _, _, arrival in sorted(found, key=lambda f: (f[0], f[1])):
+        if arrival.sha256 in done:
+            duplicates.append((arrival, done[arrival.sha256]))
+        elif arrival.sha256 in seen:
+            duplicates.append((arrival, {"name": "an earlier file of this scan"}))
+        else:
+            seen.add(arrival.sha256)
+            pending.append(arrival)
+    return Scan(pending, duplicates, sorted(ignored))
+
+
+def current_state(registry: Registry) -> RunState | None:
+    return load_state(registry.state_dir) if (registry.state_dir / "state.json").exists() else None
+
+
+def evaluation_queries(params: Params) -> Batch:
+    """The held-out queries every version is scored on: ``pipeline.queries`` or the dataset's split."""
+    if params.pipeline.queries:
+        return load_batch(params.pipeline.queries)
+    return load_dataset(params.dataset, params.seed).queries
+
+
+def validate(registry: Registry, arrival: Arrival, params: Params) -> ValidationResult:
+    state = current_state(registry)
+    expected = BatchExpectations.from_state(state) if state else BatchExpectations.none()
+    out = registry.work_dir / arrival.key / "validation"
+    return validate_batch(arrival.path, expected, params.validation, out)
+
+
+def quarantine(arrival: Arrival, quarantine_dir: str | Path, reason: str, reports: list[Path]) -> Path:
+    """Move a batch aside with its reports and the reason; nothing is lost or overwritten."""
+    dest = Path(quarantine_dir) / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{arrival.key}"
+    dest.mkdir(parents=True, exist_ok=False)
+    for report in reports:
+        if report.exists():
+            shutil.copytree(report, dest / report.name)
+    (dest / "reason.json").write_text(json.dumps(
+        {"file": arrival.name, "sha256": arrival.sha256, "size": arrival.size, "reason": reason}, indent=2) + "\n")
+    shutil.move(arrival.path, dest / "batch.npz")
+    return dest
+
+
+def _average_map(record: dict) -> dict:
+    return {d: float(record[d]["map_all"]) for d in DIRECTIONS}
+
+
+def train(registry: Registry, arrival: Arrival, validation: ValidationResult, params: Params) -> Candidate:
+    """A batch with new categories is a lifelong increment (the configured method trains on it);
+    a batch of known categories is encoded and appended, with no training. Either way the new
+    state is evaluated on the held-out queries and saved into the work folder."""
+    state = current_state(registry)
+    batch = load_batch(arrival.path)
+    if state is None:
+        state = new_state(params, batch.image.shape[1:], batch.text.shape[1])
+    before = _average_map(state.history[-1]) if state.history else None
+    queries = evaluation_queries(params)
+    start = time.perf_counter()
+    if validation.new_categories:
+        categories = tuple(state.method.categories) + tuple(validation.new_categories)
+        stage = Stage(state.stage + 1, tuple(validation.new_categories), categories, batch.with_categories(categories))
+        record = learn_stage(state, stage, queries)
+        kind = "increment"
+    else:
+        record = append_known(state, batch, queries)
+        kind = "append"
+    work = registry.work_dir / arrival.key
+    save_state(state, work / "state")
+    return Candidate(arrival, kind, state.stage, list(validation.new_categories), len(batch), work, before,
+                     _average_map(record), {"train": time.perf_counter() - start},
+                     validation_dir=str(work / "validation"))
+
+
+def append_known(state: RunState, batch: Batch, queries: Batch) -> dict:
+    """Encode a batch of known categories with the current encoders and add its codes to the
+    store; the latest stage's evaluation is refreshed to the grown database."""
+    method = state.method
+    aligned = batch.with_categories(method.categories)
+    state.store.append(aligned.ids, state.stage, aligned.labels, tuple(method.categories),
+                       method.database_codes(aligned))
+    record = state.history[-1]
+    record.update(evaluate_stage(method, state.store, queries, stage_groups(state), state.params))
+    record["database_size"] = len(state.store)
+    record["items_appended"] = record.get("items_appended", 0) + len(batch)
+    return record
+
+
+def export(candidate: Candidate, registry: Registry, params: Params) -> Candidate:
+    """ONNX encoders with parity checks and the code store, as the next version (not promoted)."""
+    from .versions import publish
+
+    start = time.perf_counter()
+    version = publish(load_state(candidate.state_dir), candidate.work / "models", params.export,
+                      number=registry.next_number())
+    candidate.version_dir = str(version)
+    candidate.seconds["export"] = time.perf_counter() - start
+    return candidate
+
+
+def monitor(candidate: Candidate, params: Params) -> Candidate:
+    """The Evidently report of an increment (drift, code health, forgetting). An append trains
+    nothing, so there is no forgetting to report."""
+    if candidate.kind != "increment":
+        return candidate
+    from .monitoring import monitor_state
+
+    start = time.perf_counter()
+    out = candidate.work / "monitoring" / f"stage-{candidate.stage:02d}"
+    report = monitor_state(load_state(candidate.state_dir), params.monitoring, out_dir=out, to_workspace=False)
+    candidate.monitor_dir, candidate.alerts, candidate.warnings = str(out), report.alerts, report.warnings
+    candidate.seconds["monitor"] = time.perf_counter() - start
+    return candidate
+
+
+def record(candidate: Candidate, registry: Registry, params: Params) -> str:
+    """Move the candidate into the workspace and record it as a version (DVC commit, push, git
+    commit and tag). On any failure the last committed version is restored. Returns the tag."""
+    version = Path(candidate.version_dir)
+    number = int(version.name[1:])
+    try:
+        shutil.rmtree(registry.state_dir, ignore_errors=True)
+        shutil.move(candidate.state_dir, registry.state_dir)
+        (registry.models_dir / "versions").mkdir(parents=True, exist_ok=True)
+        shutil.move(version, registry.models_dir / "versions" / version.name)
+        _move_tree(Path(candidate.validation_dir), registry.reports_dir / "validation" / candidate.arrival.key)
+        if candidate.monitor_dir:
+            monitored = Path(candidate.monitor_dir)
+            target = registry.reports_dir / "monitoring" / monitored.name
+            _move_tree(monitored, target)
+            from .monitoring import SNAPSHOT_FILE, add_to_workspace
+
+            add_to_workspace(target, registry.reports_dir / "workspace", params.monitoring.project)
+            (target / SNAPSHOT_FILE).unlink()  # the workspace holds it now; no second 20 MB copy
+        registry.batches_dir.mkdir(exist_ok=True)
+        shutil.copyfile(candidate.arrival.path, registry.batches_dir / f"{candidate.arrival.key}.npz")
+        state = load_state(registry.state_dir)
+        summary = summarize(state, evaluation_queries(params))
+        write_metrics(registry, summary, version.name)
+        (registry.root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
+        manifest = read_manifest(registry)
+        manifest[MANIFEST_KEY][candidate.arrival.sha256] = {
+            "name": candidate.arrival.name, "version": version.name, "tag": f"model-v{number}",
+            "kind": candidate.kind, "stage": candidate.stage, "items": candidate.items,
+            "new_categories": candidate.new_categories,
+            "processed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        registry.manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        message = (f"{version.name}: {candidate.kind} of {candidate.arrival.name} ({candidate.items} items"
+                   + (f", new categories {', '.join(candidate.new_categories)}" if candidate.new_categories else "")
+                   + ")")
+        tag = registry.record(number, message, params.pipeline.push_retries)
+    except BaseException:
+        registry.restore()
+        raise
+    shutil.rmtree(candidate.work, ignore_errors=True)
+    return tag
+
+
+def _move_tree(src: Path, dest: Path) -> None:
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(src, dest)
+
+
+def write_metrics(registry: Registry, summary: dict, version: str) -> None:
+    """metrics.json (what ``dvc metrics show`` reads) and the per-task mAP plot data."""
+    metrics = {"version": version, "method": summary["method"], "stages": len(summary["stages"]),
+               "database_size": summary["stages"][-1]["database_size"]}
+    for d in DIRECTIONS:
+        s = summary[d]
+        metrics[d] = {"final_average_map": s["final_average_map"], "mean_forgetting": s["mean_forgetting"],
+                      "backward_transfer": s["backward_transfer"], "matrix": s["matrix"]}
+    registry.metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_plots(summary, registry.plots_dir)

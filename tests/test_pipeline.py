@@ -1,0 +1,269 @@
+"""The pipeline flow on a real temporary Prefect server, versioning into a real git + DVC
+repository with a local remote, on the Wikipedia stage batches (1 epoch, small networks)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import process_incoming
+from lifelong_hashing.batch import Batch, load_batch, save_batch
+from lifelong_hashing.cli import main as lhash
+from lifelong_hashing.config import load_params
+from lifelong_hashing.registry import Registry
+from lifelong_hashing.runner import build_plan
+from lifelong_hashing.versions import current_version
+
+from .conftest import ROOT, WIKIPEDIA
+
+PARAMS = str(ROOT / "params.yaml")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def stage_files(tmp_path_factory):
+    """The four Wikipedia stage batches as files, as a sender would drop them."""
+    out = tmp_path_factory.mktemp("stages")
+    plan = build_plan(load_params(PARAMS, {"dataset.path": str(WIKIPEDIA)}))
+    return [save_batch(s.batch, out / f"wikipedia-stage-{s.index}.npz") for s in plan.stages]
+
+
+def settings(root: Path, **extra) -> dict:
+    return {"dataset.path": str(WIKIPEDIA), "train.epochs": 1, "train.lifelong_epochs": 1, "train.device": "cpu",
+            "model.hidden": [128], "export.int8_min_agreement": None,
+            "pipeline.workspace": str(root / "ws"), "pipeline.remote": str(root / "remote"),
+            "pipeline.incoming": str(root / "incoming"), "pipeline.quarantine": str(root / "quarantine"),
+            "validation.reports_dir": str(root / "scratch"), "monitoring.reports_dir": str(root / "scratch"),
+            "monitoring.workspace": str(root / "scratch"), **extra}
+
+
+def drop(src: Path, root: Path, name: str | None = None) -> Path:
+    incoming = root / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(src, incoming / (name or src.name)))
+
+
+def run(root: Path, **extra):
+    return process_incoming(PARAMS, settings(root, **extra), return_state=True)
+
+
+def snapshot(root: Path) -> dict:
+    """What must not change when a run fails: served version, git head, code store, DVC status."""
+    ws = Registry(root / "ws", str(root / "remote"))
+    return {"served": current_version(ws.models_dir), "head": ws.git("rev-parse", "HEAD").strip(),
+            "tags": ws.tags(), "codes": hashlib.sha256((ws.state_dir / "codes.npz").read_bytes()).hexdigest(),
+            "dvc_status": ws.dvc("status", "--json").strip(), "git_status": ws.git("status", "--porcelain")}
+
+
+def artifacts(state) -> dict[str, list]:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    out: dict[str, list] = {}  # per key, oldest first
+    for a in sorted(found, key=lambda a: a.created):
+        out.setdefault(a.key, []).append(a)
+    return out
+
+
+def linked_file(artifact) -> Path:
+    """The local file a link artifact (markdown ``[text](file://...)``) points at."""
+    (uri,) = re.findall(r"\((file://[^)]+)\)", artifact.data)
+    return Path(uri.removeprefix("file://"))
+
+
+@pytest.fixture(scope="module")
+def base_workspace(tmp_path_factory, stage_files):
+    """A workspace whose first version (stage 0) is served; tests work on copies of it."""
+    root = tmp_path_factory.mktemp("base")
+    drop(stage_files[0], root)
+    assert run(root).is_completed()
+    return root
+
+
+@pytest.fixture
+def workspace(base_workspace, tmp_path) -> Path:
+    root = tmp_path / "copy"
+    shutil.copytree(base_workspace, root, symlinks=True)
+    return root
+
+
+def test_increments_append_duplicate_and_rollback(workspace, stage_files):
+    ws = Registry(workspace / "ws", str(workspace / "remote"))
+    assert current_version(ws.models_dir) == "v0001" and ws.tags() == ["model-v1"]
+
+    drop(stage_files[1], workspace)
+    drop(stage_files[2], workspace)
+    state = run(workspace)
+    assert state.is_completed(), state.message
+    outcomes = state.result()
+    assert [(o["kind"], o["version"], o["new_categories"]) for o in outcomes] == [
+        ("increment", "v0002", ["literature", "media"]), ("increment", "v0003", ["music", "royalty"])]
+    assert current_version(ws.models_dir) == "v0003"
+    assert ws.tags() == ["model-v1", "model-v2", "model-v3"]
+    assert not list((workspace / "incoming").iterdir())
+    assert ws.git("status", "--porcelain") == ""
+    assert json.loads(ws.dvc("status", "--json")) == {}
+    assert any((workspace / "remote").rglob("*")), "nothing pushed to the DVC remote"
+    lock = ws.root / "dvc.lock"
+    assert "params.yaml" in lock.read_text()
+    metrics = json.loads(ws.metrics_path.read_text())
+    assert metrics["version"] == "v0003" and len(metrics["i2t"]["matrix"]) == 3
+    assert (ws.reports_dir / "monitoring" / "stage-02" / "report.html").exists()
+
+    found = artifacts(state)
+    summary = found["increment-summary"][-1].data
+    assert "v0003" in summary and "music, royalty" in summary and "mAP before" in summary
+    table = json.loads(found["stage-task-map"][-1].data)
+    assert {"direction", "after stage", "task 0", "task 2"} <= set(table[0])
+    assert linked_file(found["evidently-report"][-1]) == ws.reports_dir / "monitoring" / "stage-02" / "report.html"
+    assert linked_file(found["validation-report"][-1]).name == "index.html"
+    assert linked_file(found["validation-report"][-1]).exists()
+
+    # Known categories only: encoded and appended, no training.
+    stage0 = load_batch(stage_files[0])
+    known = stage0.subset(np.arange(50))
+    known = Batch(np.char.add("extra-", known.ids), known.image, known.text, known.labels, known.categories)
+    extra = save_batch(known, workspace / "extra.npz")
+    drop(extra, workspace)
+    state = run(workspace)
+    assert state.is_completed(), state.message
+    (outcome,) = state.result()
+    assert outcome["kind"] == "append" and outcome["version"] == "v0004" and outcome["stage"] == 2
+    manifest = json.loads(ws.manifest_path.read_text())["batches"]
+    assert len(manifest) == 4
+
+    # The same bytes again, under another name: recognised, not processed twice.
+    drop(extra, workspace, "extra-again.npz")
+    state = run(workspace)
+    assert state.is_completed() and state.result() == []
+    assert ws.tags()[-1] == "model-v4" and not list((workspace / "incoming").iterdir())
+
+    # Rollback: the CLI restores model-v2 and serves it; the next version is still new.
+    argv = ["--params", PARAMS] + [f"-S{k}={json.dumps(v)}" for k, v in settings(workspace).items()]
+    assert lhash(argv + ["rollback", "model-v2"]) == 0
+    assert current_version(ws.models_dir) == "v0002"
+    assert json.loads(ws.state_dir.joinpath("state.json").read_text())["stage"] == 1
+    assert not (ws.models_dir / "versions" / "v0003").exists()
+    assert json.loads(ws.dvc("status", "--json")) == {} and ws.git("status", "--porcelain") == ""
+    assert ws.next_number() == 5
+    assert lhash(argv + ["rollback", "model-v9"]) == 2
+
+
+def test_bad_batch_is_quarantined_and_nothing_changes(workspace, stage_files):
+    before = snapshot(workspace)
+    with np.load(stage_files[1]) as npz:
+        arrays = dict(npz)
+    arrays["image"][3, 5] = np.nan  # the Batch class refuses this; a sender's file need not
+    np.savez(workspace / "bad.npz", **arrays)
+    drop(workspace / "bad.npz", workspace)
+    state = run(workspace)
+    assert state.is_failed()
+    assert "bad.npz" in state.message and "validation failed" in state.message
+    (kept,) = list((workspace / "quarantine").iterdir())
+    reason = json.loads((kept / "reason.json").read_text())
+    assert reason["file"] == "bad.npz" and "finite" in reason["reason"] and "(1 of 380 items)" in reason["reason"]
+    assert (kept / "batch.npz").exists() and (kept / "validation" / "validation.json").exists()
+    assert not list((workspace / "incoming").iterdir())
+    assert snapshot(workspace) == before
+
+
+def test_export_failure_keeps_previous_version_and_next_run_retries(workspace, stage_files, monkeypatch):
+    import lifelong_hashing.versions as versions
+    from lifelong_hashing.export import ExportError
+
+    def broken_export(*args, **kwargs):
+        raise ExportError("injected: the ONNX exporter crashed")
+
+    before = snapshot(workspace)
+    drop(stage_files[1], workspace)
+    with monkeypatch.context() as patch:
+        patch.setattr(versions, "export_method", broken_export)
+        state = run(workspace)
+    assert state.is_failed() and "injected" in state.message
+    assert snapshot(workspace) == before
+    assert [p.name for p in (workspace / "incoming").iterdir()] == [stage_files[1].name]
+    assert not list((workspace / "ws" / ".work").glob("*"))
+
+    state = run(workspace)
+    assert state.is_completed(), state.message
+    assert current_version(workspace / "ws" / "models") == "v0002"
+
+
+def test_failed_push_restores_the_last_version(workspace, stage_files):
+    before = snapshot(workspace)
+    blocker = workspace / "blocker"
+    blocker.write_text("a file where the remote's folder should be")
+    drop(stage_files[1], workspace)
+    state = run(workspace, **{"pipeline.push_retries": 1, "pipeline.remote": str(blocker / "remote")})
+    assert state.is_failed() and "dvc push" in state.message
+    after = snapshot(workspace)
+    assert after == before
+    assert (workspace / "incoming" / stage_files[1].name).exists()
+
+
+def test_monitoring_alert_blocks_promotion(workspace, stage_files):
+    before = snapshot(workspace)
+    drop(stage_files[1], workspace)
+    state = run(workspace, **{"monitoring.max_forgetting": 0.0, "monitoring.max_average_map_drop": 0.0})
+    assert state.is_failed() and "monitoring alerts" in state.message
+    (kept,) = list((workspace / "quarantine").iterdir())
+    assert (kept / "stage-01" / "report.html").exists() and (kept / "batch.npz").exists()
+    assert snapshot(workspace) == before
+
+
+def test_concurrent_runs_process_a_batch_once(workspace, stage_files):
+    drop(stage_files[1], workspace)
+    states = [None, None]
+
+    def go(i):
+        states[i] = run(workspace)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(s.is_completed() for s in states), [s.message for s in states]
+    assert sorted(len(s.result()) for s in states) == [0, 1]
+    ws = Registry(workspace / "ws", "")
+    assert ws.tags() == ["model-v1", "model-v2"] and current_version(ws.models_dir) == "v0002"
+    subprocess.run(["git", "fsck", "--strict"], cwd=ws.root, check=True, capture_output=True)
+    assert json.loads(ws.dvc("status", "--json")) == {}
+
+
+def test_a_run_that_cannot_get_the_lock_fails_cleanly(workspace, stage_files):
+    before = snapshot(workspace)
+    drop(stage_files[1], workspace)
+    with Registry(workspace / "ws", "").lock(0):
+        state = run(workspace, **{"pipeline.lock_timeout_seconds": 1})
+    assert state.is_failed() and "busy" in state.message
+    assert snapshot(workspace) == before
+    assert (workspace / "incoming" / stage_files[1].name).exists()
+
+
+def test_run_once_from_the_command_line(workspace):
+    """``python -m flows.pipeline`` with nothing new: exit 0 (its own temporary server)."""
+    args = [f"-S{k}={json.dumps(v)}" for k, v in settings(workspace).items()]
+    env = {**os.environ, "PREFECT_HOME": str(workspace / "prefect-home")}
+    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--params", PARAMS, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Completed" in proc.stdout
