@@ -6,7 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test browser validate monitor compare serve bench bench-small lint clean
+.PHONY: run test browser pipeline prefect-server schedule repro rollback validate monitor compare serve \
+	bench bench-small lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,24 +15,49 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+PREFECT_PORT ?= 4200
+
+# The main job: the Wikipedia stages dropped one by one into data/incoming, each processed by the
+# pipeline flow (validate, train, export, monitor, version, promote) on Prefect's temporary server.
 run: $(STAMP)
-	$(BIN)/lhash run
+	$(BIN)/python -m flows.main_job
+
+# One pipeline run over whatever is in data/incoming now
+pipeline: $(STAMP)
+	$(BIN)/python -m flows.pipeline
+
+# A real Prefect server on loopback (UI at http://127.0.0.1:$(PREFECT_PORT)); keep it running
+prefect-server: $(STAMP)
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+# Serve the pipeline as a scheduled deployment (pipeline.schedule) against that server
+schedule: $(STAMP)
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.serve
+
+# dvc.yaml: the whole stage sequence from the raw data (lhash run + lhash export)
+repro: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# Serve an earlier pipeline version again: make rollback TAG=model-v2
+rollback: $(STAMP)
+	$(BIN)/lhash rollback "$(TAG)"
 
 # Check a batch before it is trained on: make validate BATCH=path/to/batch.npz
 validate: $(STAMP)
-	$(BIN)/lhash validate "$(BATCH)" --state runs/wikipedia/state
+	$(BIN)/lhash validate "$(BATCH)" --state runs/pipeline/state
 
 # Evidently report of the latest increment of the main run, added to reports/workspace
 monitor: $(STAMP)
-	$(BIN)/lhash monitor --state runs/wikipedia/state
+	$(BIN)/lhash monitor --state runs/pipeline/state
 
 compare: $(STAMP)
 	$(BIN)/lhash compare
 
+# The retrieval service on the pipeline's promoted version (make run first)
 serve: $(STAMP)
-	test -f runs/wikipedia/state/state.json || $(BIN)/lhash run
-	$(BIN)/lhash export --state runs/wikipedia/state --promote
-	$(BIN)/lhash serve
+	$(BIN)/lhash serve --models runs/pipeline/models
 
 # Headless Chromium + ChromeDriver from Debian for the report-rendering test (root or sudo).
 browser:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
-from lifelong_hashing.config import Params
+from lifelong_hashing.batch import save_batch
+from lifelong_hashing.config import Params, load_params
+from lifelong_hashing.runner import build_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKIPEDIA = ROOT / "data" / "wikipedia" / "wikipedia.npz"
+PARAMS = str(ROOT / "params.yaml")
 
 
 def small_params(method: str = "dlch", **overrides) -> Params:
@@ -37,3 +41,29 @@ def small_params(method: str = "dlch", **overrides) -> Params:
 @pytest.fixture
 def params_factory():
     return small_params
+
+
+# ---- the operational pipeline (test_pipeline, test_deployment) ------------------------------
+@pytest.fixture(scope="session")
+def stage_files(tmp_path_factory):
+    """The four Wikipedia stage batches as files, as a sender would drop them."""
+    out = tmp_path_factory.mktemp("stages")
+    plan = build_plan(load_params(PARAMS, {"dataset.path": str(WIKIPEDIA)}))
+    return [save_batch(s.batch, out / f"wikipedia-stage-{s.index}.npz") for s in plan.stages]
+
+
+def settings(root: Path, **extra) -> dict:
+    """Params overrides for a pipeline under `root`: Wikipedia, 1 epoch, small networks."""
+    return {"dataset.path": str(WIKIPEDIA), "train.epochs": 1, "train.lifelong_epochs": 1, "train.device": "cpu",
+            "model.hidden": [128], "export.int8_min_agreement": None,
+            "pipeline.workspace": str(root / "ws"), "pipeline.remote": str(root / "remote"),
+            "pipeline.incoming": str(root / "incoming"), "pipeline.quarantine": str(root / "quarantine"),
+            "validation.reports_dir": str(root / "scratch"), "monitoring.reports_dir": str(root / "scratch"),
+            "monitoring.workspace": str(root / "scratch"), **extra}
+
+
+def drop(src: Path, root: Path, name: str | None = None) -> Path:
+    """Put a batch file into the incoming folder of the pipeline under `root`."""
+    incoming = root / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(src, incoming / (name or src.name)))

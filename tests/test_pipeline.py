@@ -22,43 +22,16 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.pipeline import process_incoming
 from lifelong_hashing.batch import Batch, load_batch, save_batch
 from lifelong_hashing.cli import main as lhash
-from lifelong_hashing.config import load_params
 from lifelong_hashing.registry import Registry
-from lifelong_hashing.runner import build_plan
 from lifelong_hashing.versions import current_version
 
-from .conftest import ROOT, WIKIPEDIA
-
-PARAMS = str(ROOT / "params.yaml")
+from .conftest import PARAMS, ROOT, drop, settings
 
 
 @pytest.fixture(scope="module", autouse=True)
 def prefect_server():
     with prefect_test_harness(server_startup_timeout=180):
         yield
-
-
-@pytest.fixture(scope="module")
-def stage_files(tmp_path_factory):
-    """The four Wikipedia stage batches as files, as a sender would drop them."""
-    out = tmp_path_factory.mktemp("stages")
-    plan = build_plan(load_params(PARAMS, {"dataset.path": str(WIKIPEDIA)}))
-    return [save_batch(s.batch, out / f"wikipedia-stage-{s.index}.npz") for s in plan.stages]
-
-
-def settings(root: Path, **extra) -> dict:
-    return {"dataset.path": str(WIKIPEDIA), "train.epochs": 1, "train.lifelong_epochs": 1, "train.device": "cpu",
-            "model.hidden": [128], "export.int8_min_agreement": None,
-            "pipeline.workspace": str(root / "ws"), "pipeline.remote": str(root / "remote"),
-            "pipeline.incoming": str(root / "incoming"), "pipeline.quarantine": str(root / "quarantine"),
-            "validation.reports_dir": str(root / "scratch"), "monitoring.reports_dir": str(root / "scratch"),
-            "monitoring.workspace": str(root / "scratch"), **extra}
-
-
-def drop(src: Path, root: Path, name: str | None = None) -> Path:
-    incoming = root / "incoming"
-    incoming.mkdir(parents=True, exist_ok=True)
-    return Path(shutil.copyfile(src, incoming / (name or src.name)))
 
 
 def run(root: Path, **extra):

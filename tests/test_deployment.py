@@ -1,0 +1,109 @@
+"""The scheduled deployment against a real ``prefect server start`` on loopback: a batch dropped
+into the incoming folder is picked up by the next scheduled run and promoted."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from lifelong_hashing.versions import current_version
+
+from .conftest import PARAMS, ROOT, drop, settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str, procs=()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise AssertionError(f"{what}: {proc.args[:4]} exited with {proc.returncode}")
+        value = check()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+
+    def healthy():
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(healthy, 180, "the Prefect server", [proc])
+        yield url, env
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def test_scheduled_deployment_picks_up_a_dropped_batch(prefect_server, stage_files, tmp_path):
+    url, env = prefect_server
+    root = tmp_path / "pipeline"
+    overrides = {**settings(root), "pipeline.schedule.interval_seconds": 5}
+    args = [f"-S{k}={json.dumps(v)}" for k, v in overrides.items()]
+    log = open(tmp_path / "serve.log", "w")
+    serve = subprocess.Popen([sys.executable, "-m", "flows.serve", "--params", PARAMS, *args], cwd=ROOT,
+                             env={**env, "PREFECT_API_URL": url, "PREFECT_RUNNER_POLL_FREQUENCY": "2"},
+                             stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+            deployment = wait_for(lambda: _deployment(client), 120, "the served deployment", [serve])
+            assert deployment.schedules and deployment.schedules[0].schedule.interval.total_seconds() == 5
+            drop(stage_files[0], root)
+            models = root / "ws" / "models"
+            wait_for(lambda: current_version(models) == "v0001", 300, "the dropped batch to be promoted", [serve])
+            ours = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+            runs = client.read_flow_runs(deployment_filter=ours)
+            assert any(r.state.is_completed() for r in runs)
+        assert not list((root / "incoming").iterdir())
+    finally:
+        serve.terminate()
+        serve.wait(60)
+        log.close()
+
+
+def _deployment(client):
+    try:
+        return client.read_deployment_by_name("lifelong-hashing-pipeline/scan-incoming")
+    except ObjectNotFound:
+        return None
+
+
+def test_serve_without_a_server_says_how_to_start_one(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    proc = subprocess.run([sys.executable, "-m", "flows.serve", "--params", PARAMS], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "prefect server start" in proc.stderr and "PREFECT_API_URL" in proc.stderr

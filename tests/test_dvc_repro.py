@@ -1,0 +1,91 @@
+"""``dvc repro`` of this project (dvc.yaml) in clean clones: the same params give bit-identical
+codes on CPU; ``dvc plots`` draws mAP per task; ``dvc exp run -S`` sweeps a param."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from lifelong_hashing.codestore import CodeStore
+
+from .conftest import ROOT
+
+SMALL = {("train", "epochs"): 1, ("train", "lifelong_epochs"): 1, ("train", "device"): "cpu",
+         ("model", "hidden"): [128], ("export", "int8_min_agreement"): None}
+
+
+def sh(args: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(args)}: {proc.stdout[-1500:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def clean_clone(dest: Path) -> Path:
+    """This checkout's files (tracked, or new and not ignored) in a fresh git repository, with
+    small training params committed: what a newcomer's clone looks like."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    for (section, key), value in SMALL.items():
+        params[section][key] = value
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "init", "-q", "-b", "main"], dest)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], dest)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "clone"], dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    clones = [clean_clone(tmp_path_factory.mktemp(f"clone{i}")) for i in range(2)]
+    for clone in clones:
+        sh([sys.executable, "-m", "dvc", "repro"], clone)
+    return clones
+
+
+def test_repro_from_clean_clones_gives_bit_identical_codes(reproduced):
+    a, b = reproduced
+    for path in ("runs/wikipedia/state/codes.npz", "runs/wikipedia/models/versions/v0001/codes.npz"):
+        first, second = CodeStore.load(a / path), CodeStore.load(b / path)
+        assert len(first) == 2173
+        for modality in ("image", "text"):
+            np.testing.assert_array_equal(first.codes[modality], second.codes[modality])
+    status = json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], a))
+    assert status == {}
+    metrics = json.loads(sh([sys.executable, "-m", "dvc", "metrics", "show", "--json"], a))
+    (values,) = [v["data"]["runs/wikipedia/metrics.json"]["data"] for v in metrics.values()]
+    assert 0 < values["t2i"]["final_average_map"] <= 1 and values["i2t"]["mean_forgetting"] >= 0
+
+
+def test_plots_show_map_per_task_across_stages(reproduced):
+    a, _ = reproduced
+    sh([sys.executable, "-m", "dvc", "plots", "show", "-o", "plots-out"], a)
+    page = (a / "plots-out" / "index.html").read_text()
+    assert page.count('"title": "mAP per task, ') == 2  # one plot per direction, nothing else
+    assert '"task": "task 3"' in page and '"color": {"field": "task"' in page
+    rows = (a / "runs/wikipedia/plots/map_i2t.csv").read_text().splitlines()
+    assert rows[0] == "stage,task,map" and len(rows) == 1 + 1 + 2 + 3 + 4
+
+
+def test_exp_run_sweeps_bits_and_method(reproduced):
+    a, _ = reproduced
+    sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "model.bits=32", "-S", "method.name=dlch"], a)
+    shown = json.loads(sh([sys.executable, "-m", "dvc", "exp", "show", "--json"], a))
+    params = [e["data"]["params"]["params.yaml"]["data"]
+              for baseline in shown for e in (baseline.get("experiments") or [{}])[0].get("revs", [])
+              if e.get("data")]
+    assert any(p["model"]["bits"] == 32 and p["method"]["name"] == "dlch" for p in params), shown
