@@ -78,6 +78,9 @@ def process_incoming(params_path: str = "params.yaml", overrides: dict | None = 
     registry.init()
     outcomes, rejected = [], []
     with registry.acquire(params.pipeline.lock_timeout_seconds):
+        healed = pipeline.reconcile_serving(registry)
+        if healed:
+            logger.warning("serving pointed away from the last recorded version; serving %s again", healed)
         found = scan(registry, params)
         for name in found.ignored:
             logger.warning("incoming: %s is not a batch file (.npz); left alone", name)

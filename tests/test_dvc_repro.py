@@ -44,8 +44,10 @@ def clean_clone(dest: Path) -> Path:
         params[section][key] = value
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(["git", "init", "-q", "-b", "main"], dest)
-    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], dest)
-    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "clone"], dest)
+    sh(["git", "config", "user.name", "newcomer"], dest)  # dvc exp commits too
+    sh(["git", "config", "user.email", "newcomer@example.invalid"], dest)
+    sh(["git", "add", "-A"], dest)
+    sh(["git", "commit", "-q", "-m", "clone"], dest)
     return dest
 
 

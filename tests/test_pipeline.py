@@ -22,7 +22,11 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.pipeline import process_incoming
 from lifelong_hashing.batch import Batch, load_batch, save_batch
 from lifelong_hashing.cli import main as lhash
+from lifelong_hashing.codestore import CodeStore
+from lifelong_hashing.config import load_params
 from lifelong_hashing.registry import Registry
+from lifelong_hashing.runner import build_plan, run_stage
+from lifelong_hashing.state import new_state
 from lifelong_hashing.versions import current_version
 
 from .conftest import PARAMS, ROOT, drop, settings
@@ -76,6 +80,18 @@ def workspace(base_workspace, tmp_path) -> Path:
     root = tmp_path / "copy"
     shutil.copytree(base_workspace, root, symlinks=True)
     return root
+
+
+def test_the_flow_serves_the_codes_lhash_run_trains(base_workspace):
+    """A batch through the flow (file, validation, fresh process state) is the stage of a run."""
+    params = load_params(PARAMS, settings(base_workspace))
+    plan = build_plan(params)
+    state = new_state(params, plan.stages[0].batch.image.shape[1:], plan.stages[0].batch.text.shape[1])
+    run_stage(state, plan)
+    served = CodeStore.load(base_workspace / "ws" / "models" / "versions" / "v0001" / "codes.npz")
+    np.testing.assert_array_equal(served.ids, state.store.ids)
+    for modality in ("image", "text"):
+        np.testing.assert_array_equal(served.codes[modality], state.store.codes[modality])
 
 
 def test_increments_append_duplicate_and_rollback(workspace, stage_files):
@@ -220,6 +236,14 @@ def test_concurrent_runs_process_a_batch_once(workspace, stage_files):
     assert ws.tags() == ["model-v1", "model-v2"] and current_version(ws.models_dir) == "v0002"
     subprocess.run(["git", "fsck", "--strict"], cwd=ws.root, check=True, capture_output=True)
     assert json.loads(ws.dvc("status", "--json")) == {}
+
+
+def test_a_run_serves_the_recorded_version_when_promotion_was_cut_short(workspace):
+    models = workspace / "ws" / "models"
+    (models / "CURRENT").unlink()  # as if the last run died between `version` and `promote`
+    state = run(workspace)
+    assert state.is_completed() and state.result() == []
+    assert current_version(models) == "v0001"
 
 
 def test_a_run_that_cannot_get_the_lock_fails_cleanly(workspace, stage_files):

@@ -103,6 +103,20 @@ def read_metrics(registry: Registry) -> dict:
     return json.loads(registry.metrics_path.read_text())
 
 
+def reconcile_serving(registry: Registry) -> str | None:
+    """Serve the version the workspace's last commit records, if serving points elsewhere (a run
+    that stopped between recording and promoting). Returns the version promoted, if any."""
+    from .versions import current_version, promote
+
+    if not registry.metrics_path.exists():
+        return None
+    recorded = read_metrics(registry)["version"]
+    if current_version(registry.models_dir) == recorded:
+        return None
+    promote(registry.models_dir, recorded)
+    return recorded
+
+
 def scan_incoming(incoming: str | Path, manifest: dict) -> Scan:
     """Fingerprint each batch file directly inside ``incoming``; the manifest says which are done.
     Symbolic links are never followed, so no name can lead outside the folder."""

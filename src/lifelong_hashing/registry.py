@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,6 +210,7 @@ class Registry:
             except RegistryError:
                 if attempt == retries:
                     raise
+                time.sleep(2**attempt)
 
     def restore(self) -> None:
         """Put the last committed version back: tracked files from git, outputs from the DVC cache;
