@@ -154,6 +154,7 @@ def test_increments_append_duplicate_and_rollback(workspace, stage_files):
     assert json.loads(ws.dvc("status", "--json")) == {} and ws.git("status", "--porcelain") == ""
     assert ws.next_number() == 5
     assert lhash(argv + ["rollback", "model-v9"]) == 2
+    assert lhash(["-S", f"pipeline.workspace={workspace / 'nowhere'}", "rollback", "model-v1"]) == 2
 
 
 def test_bad_batch_is_quarantined_and_nothing_changes(workspace, stage_files):

@@ -224,6 +224,8 @@ class Registry:
     def rollback(self, tag: str) -> str:
         """Make ``tag``'s version the current one, as a new commit (history is kept), and serve it.
         Returns the version name now served."""
+        if not (self.root / ".git").exists():
+            raise RegistryError(f"{self.root}: no pipeline workspace yet (the first pipeline run creates it)")
         match = TAG.match(tag)
         if not match or tag not in self.tags():
             raise RegistryError(f"{self.root}: no version tag {tag!r} (have {self.tags()})")
