@@ -239,12 +239,16 @@ def test_concurrent_runs_process_a_batch_once(workspace, stage_files):
     assert json.loads(ws.dvc("status", "--json")) == {}
 
 
-def test_a_run_serves_the_recorded_version_when_promotion_was_cut_short(workspace):
+def test_a_run_serves_the_recorded_version_when_promotion_was_cut_short(workspace, stage_files):
     models = workspace / "ws" / "models"
     (models / "CURRENT").unlink()  # as if the last run died between `version` and `promote`
+    link = workspace / "incoming" / "elsewhere.npz"
+    link.symlink_to(stage_files[1])  # a name never leads outside the incoming folder
+    (workspace / "incoming" / ".upload-in-progress.npz").write_bytes(b"partial")
     state = run(workspace)
     assert state.is_completed() and state.result() == []
     assert current_version(models) == "v0001"
+    assert link.is_symlink() and (workspace / "incoming" / ".upload-in-progress.npz").exists()
 
 
 def test_a_run_that_cannot_get_the_lock_fails_cleanly(workspace, stage_files):
