@@ -15,9 +15,9 @@ from flows.pipeline import process_incoming
 from lifelong_hashing.batch import save_batch
 from lifelong_hashing.cli import parse_overrides
 from lifelong_hashing.config import load_params
-from lifelong_hashing.pipeline import current_state, evaluation_queries
+from lifelong_hashing.pipeline import recorded_history
 from lifelong_hashing.registry import Registry
-from lifelong_hashing.runner import build_plan, stage_table, summarize
+from lifelong_hashing.runner import build_plan, history_summary, stage_table
 from lifelong_hashing.versions import current_version
 
 
@@ -46,9 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         if not state.is_completed():
             print(f"the pipeline stopped at {name}: {state.message}", file=sys.stderr)
             return 1
-    summary = summarize(current_state(registry), evaluation_queries(params))
     root = registry.root
-    print("\n" + stage_table(summary))
+    print("\n" + stage_table(history_summary(recorded_history(registry))))
     print(f"""
 served version: {current_version(registry.models_dir)} (lhash serve --models {root / 'models'})
 models:         {root / 'models' / 'versions'}  (ONNX encoders, codes.npz, manifest.json per version)

@@ -68,7 +68,7 @@ def promote_version(registry: Registry, version: str) -> None:
     promote(registry.models_dir, version)
 
 
-@flow(name="lifelong-hashing-pipeline", log_prints=True)
+@flow(name="lifelong-hashing-pipeline")
 def process_incoming(params_path: str = "params.yaml", overrides: dict | None = None) -> list[dict]:
     """Process every new batch in the incoming folder, oldest first. Ends failed, saying why,
     when a batch was rejected or a step failed; the served version is then the previous one."""

@@ -28,7 +28,7 @@ from .batch import Batch, load_batch
 from .config import Params
 from .datasets import load_dataset
 from .registry import Registry
-from .runner import DIRECTIONS, evaluate_stage, learn_stage, stage_groups, summarize, write_plots
+from .runner import DIRECTIONS, evaluate_stage, history_summary, learn_stage, stage_groups, write_plots
 from .stages import Stage
 from .state import RunState, load_state, new_state, save_state
 from .validation import BatchExpectations, ValidationResult, validate_batch
@@ -67,6 +67,7 @@ class Candidate:
 
     arrival: Arrival
     kind: str  # "increment" (new categories, trained) or "append" (known categories, encoded only)
+    method: str
     stage: int
     new_categories: list[str]
     items: int
@@ -200,7 +201,8 @@ def train(registry: Registry, arrival: Arrival, validation: ValidationResult, pa
         kind = "append"
     work = registry.work_dir / arrival.key
     save_state(state, work / "state")
-    return Candidate(arrival, kind, state.stage, list(validation.new_categories), len(batch), work, before,
+    return Candidate(arrival, kind, state.method.name, state.stage, list(validation.new_categories), len(batch),
+                     work, before,
                      _average_map(record), {"train": time.perf_counter() - start},
                      validation_dir=str(work / "validation"))
 
@@ -267,9 +269,7 @@ def record(candidate: Candidate, registry: Registry, params: Params) -> str:
             (target / SNAPSHOT_FILE).unlink()  # the workspace holds it now; no second 20 MB copy
         registry.batches_dir.mkdir(exist_ok=True)
         shutil.copyfile(candidate.arrival.path, registry.batches_dir / f"{candidate.arrival.key}.npz")
-        state = load_state(registry.state_dir)
-        summary = summarize(state, evaluation_queries(params))
-        write_metrics(registry, summary, version.name)
+        write_metrics(registry, recorded_history(registry), version.name, candidate.method)
         (registry.root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
         manifest = read_manifest(registry)
         manifest[MANIFEST_KEY][candidate.arrival.sha256] = {
@@ -296,10 +296,16 @@ def _move_tree(src: Path, dest: Path) -> None:
     shutil.move(src, dest)
 
 
-def write_metrics(registry: Registry, summary: dict, version: str) -> None:
+def recorded_history(registry: Registry) -> list[dict]:
+    """The stage records of the workspace's state, read without loading the model."""
+    return json.loads((registry.state_dir / "state.json").read_text())["history"]
+
+
+def write_metrics(registry: Registry, history: list[dict], version: str, method: str) -> None:
     """metrics.json (what ``dvc metrics show`` reads) and the per-task mAP plot data."""
-    metrics = {"version": version, "method": summary["method"], "stages": len(summary["stages"]),
-               "database_size": summary["stages"][-1]["database_size"]}
+    summary = history_summary(history)
+    metrics = {"version": version, "method": method, "stages": len(history),
+               "database_size": history[-1]["database_size"]}
     for d in DIRECTIONS:
         s = summary[d]
         metrics[d] = {"final_average_map": s["final_average_map"], "mean_forgetting": s["mean_forgetting"],

@@ -84,11 +84,10 @@ def run_stage(state: RunState, plan: StagePlan) -> dict:
     return learn_stage(state, plan.stages[t], plan.queries)
 
 
-def summarize(state: RunState, queries: Batch) -> dict:
-    """The metrics.json of a run: per-stage records, the stage×task matrices and their summaries."""
-    history = state.history
-    summary: dict = {"method": state.method.name, "dataset": state.params.dataset.name,
-                     "bits": state.params.model.bits, "device": history[-1]["device"], "stages": history}
+def history_summary(history: list[dict]) -> dict:
+    """What the stage records alone give: the records, and per direction the stage×task matrix
+    with its summaries (average mAP, forgetting, backward transfer). No model needed."""
+    summary: dict = {"stages": history}
     for direction in DIRECTIONS:
         matrix = stage_task_matrix(history, direction)
         avg = average_map(matrix)
@@ -103,6 +102,15 @@ def summarize(state: RunState, queries: Batch) -> dict:
         }
     summary["total_train_seconds"] = float(sum(r["train_seconds"] for r in history))
     summary["total_codes_rewritten"] = int(sum(r["codes_rewritten"] for r in history))
+    return summary
+
+
+def summarize(state: RunState, queries: Batch) -> dict:
+    """The metrics.json of a run: the history summary plus the run's identity and the final
+    precision–recall curves on ``queries``."""
+    history = state.history
+    summary = {"method": state.method.name, "dataset": state.params.dataset.name, "bits": state.params.model.bits,
+               "device": history[-1]["device"], **history_summary(history)}
     answerable, _ = queries_by_task(queries, stage_groups(state))
     bits = state.params.model.bits
     summary["pr_curve"] = {
