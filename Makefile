@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: run test browser pipeline prefect-server schedule repro rollback validate monitor compare serve \
-	bench bench-small lint clean
+	bench bench-small bench-quality bench-quality-small lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -81,6 +81,13 @@ bench-small: $(STAMP)
 	$(BIN)/python bench/search_speed.py --small
 	$(BIN)/python bench/eval_speed.py --small
 	$(BIN)/python bench/memory.py --small
+
+# The benchmark that decides the default method (bench/results/quality.json, tables, figures)
+bench-quality: $(STAMP)
+	$(BIN)/python bench/quality.py
+
+bench-quality-small: $(STAMP)
+	$(BIN)/python bench/quality.py --small
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

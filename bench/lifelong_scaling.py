@@ -39,7 +39,7 @@ def run_all(params, methods, out: Path) -> dict:
         run_params = params.model_copy(update={"method": params.method.model_copy(update={"name": name})})
         s = run_sequence(run_params, out / name, quiet=True)
         results[name] = {
-            "stage_seconds": [round(r["train_seconds"], 2) for r in s["stages"]],
+            "stage_seconds": [round(t["train_seconds"], 2) for t in s["timings"]],
             "database_size": [r["database_size"] for r in s["stages"]],
             "total_seconds": round(s["total_train_seconds"], 1),
             "final_map_i2t": round(s["i2t"]["final_average_map"], 4),

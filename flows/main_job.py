@@ -15,9 +15,9 @@ from flows.pipeline import process_incoming
 from lifelong_hashing.batch import save_batch
 from lifelong_hashing.cli import parse_overrides
 from lifelong_hashing.config import load_params
-from lifelong_hashing.pipeline import recorded_history
+from lifelong_hashing.pipeline import recorded_summary
 from lifelong_hashing.registry import Registry
-from lifelong_hashing.runner import build_plan, history_summary, stage_table
+from lifelong_hashing.runner import build_plan, stage_table
 from lifelong_hashing.versions import current_version
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"the pipeline stopped at {name}: {state.message}", file=sys.stderr)
             return 1
     root = registry.root
-    print("\n" + stage_table(history_summary(recorded_history(registry))))
+    print("\n" + stage_table(recorded_summary(registry)))
     print(f"""
 served version: {current_version(registry.models_dir)} (lhash serve --models {root / 'models'})
 models:         {root / 'models' / 'versions'}  (ONNX encoders, codes.npz, manifest.json per version)

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 import yaml
 
 from lifelong_hashing.batch import make_batch
-from lifelong_hashing.codestore import CodeStore
+from lifelong_hashing.codestore import CodeStore, unpack_codes
 from lifelong_hashing.encoders import pick_device
 from lifelong_hashing.methods import MethodError, create_method
 from lifelong_hashing.runner import build_plan, run_sequence, run_stage
@@ -59,23 +60,30 @@ def test_base_stage_learns_far_above_chance(method):
         assert record[direction]["map_all"] > rel + 0.25, (direction, record[direction]["map_all"], rel)
 
 
-def test_state_resumes_in_a_fresh_process_with_identical_codes(tmp_path):
-    params = small_params("dlch")
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("method", ["joint", "finetune", "dlch", "ccmh_gam", "orthohash"])
+def test_stages_resumed_in_fresh_processes_equal_a_continuous_run_bit_for_bit(tmp_path, method):
+    params = small_params(method)
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params.model_dump()))
     state_dir = tmp_path / "run" / "state"
-    for _ in range(3):  # each stage in its own process
+    for t in range(3):  # each stage in its own process
         done = subprocess.run([sys.executable, "-m", "lifelong_hashing.cli", "--params", str(params_file),
                                "stage", "--state", str(state_dir)], capture_output=True, text=True, cwd=ROOT)
         assert done.returncode == 0, done.stderr
-    assert (tmp_path / "run" / "metrics.json").exists()
+        assert f"{method} stage {t}: " in done.stderr  # progress reaches a log even without a terminal
     in_process = run_sequence(params, tmp_path / "one", quiet=True)
-    a, b = CodeStore.load(state_dir / "codes.npz"), CodeStore.load(tmp_path / "one" / "state" / "codes.npz")
-    for m in ("image", "text"):
-        np.testing.assert_array_equal(a.codes[m], b.codes[m])
-    resumed = load_state(state_dir)
-    assert resumed.stage == 2 and resumed.method.categories == b.categories
-    assert in_process["stages"][-1]["t2i"]["map_all"] == pytest.approx(resumed.history[-1]["t2i"]["map_all"])
+    resumed, continuous = _files(state_dir), _files(tmp_path / "one" / "state")
+    assert sorted(resumed) == sorted(continuous)
+    assert [name for name in resumed if resumed[name] != continuous[name]] == []  # weights, codes, state.json
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == (tmp_path / "one" / "metrics.json").read_bytes()
+    state = load_state(state_dir)
+    assert state.stage == 2 and [t["stage"] for t in state.timings] == [0, 1, 2]
+    assert all(t["train_seconds"] > 0 for t in in_process["timings"])
+    assert "train_seconds" not in (state_dir / "state.json").read_text()  # timings stay out of the state
 
 
 def test_failed_save_keeps_the_last_good_state(tmp_path, monkeypatch):
@@ -93,7 +101,7 @@ def test_failed_save_keeps_the_last_good_state(tmp_path, monkeypatch):
         save_state(state, target)
     assert (target / "codes.npz").read_bytes() == before
     assert load_state(target).stage == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state", "timings.json"]
 
 
 def test_load_state_errors_are_clear(tmp_path):
@@ -133,3 +141,78 @@ def test_cuda_request_without_gpu_is_explained():
     with pytest.raises(RuntimeError, match="no CUDA device"):
         pick_device("cuda")
     assert pick_device("auto").type == "cpu"
+
+
+def test_dcc_codes_follow_the_labels_not_just_the_outputs():
+    """With the tie weighted α·m (not α·m·K) the similarity term decides most bits: items with
+    the same labels get nearly the same code, whatever their weak continuous outputs."""
+    from lifelong_hashing.losses import graded_similarity
+    from lifelong_hashing.methods.dlch import dcc_codes
+
+    rng = np.random.default_rng(0)
+    bits, n_classes = 32, 4
+    class_codes = torch.as_tensor(rng.choice([-1.0, 1.0], size=(n_classes, bits)), dtype=torch.float32)
+    anchor_class = rng.integers(n_classes, size=400)
+    anchors = class_codes[anchor_class]
+    anchor_labels = torch.as_tensor(np.eye(n_classes)[anchor_class], dtype=torch.float32)
+    item_class = rng.integers(n_classes, size=200)
+    labels = torch.as_tensor(np.eye(n_classes)[item_class], dtype=torch.float32)
+    outputs = torch.as_tensor(np.tanh(0.3 * rng.normal(size=(200, bits))), dtype=torch.float32)
+
+    def solve(item_labels):
+        term = bits * graded_similarity(item_labels, anchor_labels) @ anchors
+        return dcc_codes(term, anchors.T @ anchors, len(anchors), outputs, alpha=10.0, iters=3)
+
+    codes = solve(labels)
+    assert (codes != torch.sign(outputs)).float().mean() > 0.2  # not sign(U) (α·m·K: 3 % of bits)
+    agreement = (codes == class_codes[item_class]).float().mean()
+    assert agreement > 0.75, agreement  # toward their own class codes (α·m·K: 53 %, chance)
+    shuffled = solve(labels[torch.as_tensor(rng.permutation(200))])
+    assert (shuffled != codes).float().mean() > 0.2  # other labels, other codes (α·m·K: a few %)
+
+
+def test_dlch_stores_the_codes_it_solved():
+    _, plan, state = _stages("dlch")
+    run_stage(state, plan)
+    run_stage(state, plan)
+    batch = plan.stages[1].batch
+    rows = state.store.rows_of(batch.ids)
+    solved = state.store.codes["image"][rows]
+    encoders = state.method.database_codes(batch)["image"]
+    assert (solved != encoders).any()  # not the encoders' sign(F + G)
+    np.testing.assert_array_equal(state.store.codes["text"][rows], solved)  # one code per item
+
+
+def test_joint_retrains_on_appended_items_and_rewrites_their_rows_by_id():
+    from lifelong_hashing.runner import append_known
+
+    _, plan, state = _stages("joint")
+    run_stage(state, plan)
+    extra = plan.stages[0].batch.subset(np.arange(40))
+    extra = make_batch([f"late-{i}" for i in range(40)], extra.image, extra.text, extra.labels, extra.categories)
+    append_known(state, extra, plan.queries)
+    appended = state.store.rows_of(extra.ids)
+    np.testing.assert_array_equal(appended, np.arange(len(plan.stages[0].batch), len(plan.stages[0].batch) + 40))
+    run_stage(state, plan)
+    assert len(state.method.seen) == 3  # stage 0, the appended batch, stage 1
+    method = state.method
+    for batch in (plan.stages[0].batch, extra, plan.stages[1].batch):
+        rows = state.store.rows_of(batch.ids)
+        aligned = batch.with_categories(method.categories)
+        for modality, codes in method.database_codes(aligned).items():
+            np.testing.assert_array_equal(state.store.codes[modality][rows], codes)
+
+
+def test_orthohash_stores_the_codes_the_labels_vote_for():
+    _, plan, state = _stages("orthohash")
+    run_stage(state, plan)
+    run_stage(state, plan)
+    method, batch = state.method, plan.stages[1].batch
+    codes = unpack_codes(state.store.codes["text"][state.store.rows_of(batch.ids)], method.bits)
+    votes = batch.labels.astype(int) @ method.codebook.astype(int)
+    decided = votes != 0
+    np.testing.assert_array_equal(codes[decided], np.sign(votes[decided]))
+    single = batch.labels.sum(axis=1) == 1
+    assert single.any()
+    np.testing.assert_array_equal(codes[single], method.codebook[batch.labels[single].argmax(axis=1)])
+    np.testing.assert_array_equal(state.store.codes["image"], state.store.codes["text"])

@@ -8,6 +8,7 @@ from lifelong_hashing.metrics import (
     forgetting,
     map_per_query_reference,
     mean_average_precision,
+    per_query_ap,
     pr_curve,
     precision_at_k,
 )
@@ -76,3 +77,30 @@ def test_forgetting_backward_transfer_and_average():
     np.testing.assert_allclose(forgetting(m), [0.3, 0.2])
     assert backward_transfer(m) == pytest.approx(((0.5 - 0.8) + (0.7 - 0.9)) / 2)
     np.testing.assert_allclose(average_map(m), [0.8, 0.75, (0.5 + 0.7 + 0.95) / 3])
+
+
+def test_conventions_for_queries_without_relevant_items():
+    """mAP skips a query with no relevant item (and evaluate_stage counts it); P@k scores it 0."""
+    from lifelong_hashing.batch import make_batch
+    from lifelong_hashing.codestore import CodeStore
+    from lifelong_hashing.config import Params
+    from lifelong_hashing.runner import evaluate_stage
+
+    codes = pack_codes(np.array([[1, 1, 1, 1, 1, 1, 1, 1], [-1, -1, -1, -1, -1, -1, -1, -1]]))
+    db_labels = np.array([[1, 0, 0], [1, 0, 0]], np.uint8)
+    q_labels = np.array([[1, 0, 0], [0, 1, 0]], np.uint8)  # the second has nothing relevant
+    assert np.isnan(per_query_ap(codes, codes, q_labels, db_labels)[1])
+    assert mean_average_precision(codes, codes, q_labels, db_labels) == 1.0
+    assert precision_at_k(codes, codes, q_labels, db_labels, 1) == 0.5
+
+    class Fixed:  # a method whose encoders return these codes
+        def encode(self, modality, features):
+            return codes
+
+    store = CodeStore(8)
+    store.append(["d0", "d1"], 0, db_labels, ("a", "b", "c"), {"image": codes, "text": codes})
+    queries = make_batch(["q0", "q1"], np.zeros((2, 3)), np.zeros((2, 3)), q_labels, ["a", "b", "c"])
+    params = Params.model_validate({"eval": {"map_at": [1], "precision_at": [1]}})
+    scores = evaluate_stage(Fixed(), store, queries, [("a", "b", "c")], params)["i2t"]
+    assert scores["queries"] == 2 and scores["skipped"] == {"map_all": 1, "map_at_1": 1}
+    assert scores["map_all"] == 1.0 and scores["precision_at_1"] == 0.5

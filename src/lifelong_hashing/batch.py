@@ -11,12 +11,13 @@ field and what is wrong.
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .files import write_npz
 
 FIELDS = ("ids", "image", "text", "labels", "categories")
 OPTIONAL_FIELDS = ("new_categories",)
@@ -155,22 +156,10 @@ def _validate(b: Batch) -> None:
 
 
 def save_batch(batch: Batch, path: str | os.PathLike) -> Path:
-    """Write atomically (temp file + rename) so a crash never leaves a half-written batch."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(
-                fh, ids=batch.ids, image=batch.image, text=batch.text, labels=batch.labels,
-                categories=np.asarray(batch.categories, dtype=str),
-                new_categories=np.asarray(batch.new_categories, dtype=str),
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Atomic (a crash never leaves a half-written batch) and byte stable (``files.write_npz``)."""
+    return write_npz(path, {"ids": batch.ids, "image": batch.image, "text": batch.text, "labels": batch.labels,
+                            "categories": np.asarray(batch.categories, dtype=str),
+                            "new_categories": np.asarray(batch.new_categories, dtype=str)}, compress=True)
 
 
 def read_npz(path: str | os.PathLike, keys: list[str], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:

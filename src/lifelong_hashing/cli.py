@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     find.add_argument("--k", type=int, default=10)
     find.add_argument("--radius", type=int)
     args = parser.parse_args(argv)
+    if not sys.stderr.isatty():  # a log file or a pipe gets a line per stage; a terminal gets progress bars
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
     from . import runner  # PyTorch loads here, after argument parsing
 

@@ -13,12 +13,13 @@ the numpy path, which needs every distance anyway.
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .files import write_npz
 
 MODALITIES = ("image", "text")
 _CHUNK_ELEMENTS = 1 << 24  # distances computed per block: bounds memory to ~16 MB at a time
@@ -117,10 +118,23 @@ class CodeStore:
             self.codes[m] = np.concatenate([self.codes[m], codes[m]])
         self._indexes.clear()
 
-    def overwrite(self, start: int, codes: dict[str, np.ndarray]) -> None:
-        """Replace stored codes from row ``start`` on: only joint retraining does this."""
+    def rows_of(self, ids) -> np.ndarray:
+        """Row of each id; an id not in the store is an error."""
+        ids = np.asarray(ids).astype(str)
+        order = np.argsort(self.ids, kind="stable")
+        pos = np.searchsorted(self.ids, ids, sorter=order)
+        pos = np.minimum(pos, max(len(self) - 1, 0))
+        rows = order[pos] if len(self) else np.zeros(len(ids), np.int64)
+        missing = ~(self.ids[rows] == ids) if len(self) else np.ones(len(ids), bool)
+        if missing.any():
+            raise CodeStoreError(f"ids not in the store: {ids[missing][:5].tolist()}")
+        return rows
+
+    def overwrite(self, ids, codes: dict[str, np.ndarray]) -> None:
+        """Replace the stored codes of ``ids``: only joint retraining does this."""
+        rows = self.rows_of(ids)
         for m, packed in codes.items():
-            self.codes[m][start: start + len(packed)] = packed
+            self.codes[m][rows] = packed
         self._indexes.clear()
 
     def _index(self, modality: str):
@@ -168,20 +182,11 @@ class CodeStore:
         return order, np.take_along_axis(dist, order, axis=1)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Atomic write (temp file + rename): a crash never leaves a half-written store."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, bits=np.int64(self.bits), categories=np.asarray(self.categories, dtype=str),
-                         ids=self.ids, stage=self.stage, labels=self.labels,
-                         **{f"codes_{m}": self.codes[m] for m in MODALITIES})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        """Atomic and byte stable (``files.write_npz``): a crash never leaves a half-written
+        store, and the same codes give the same file."""
+        return write_npz(path, {"bits": np.int64(self.bits), "categories": np.asarray(self.categories, dtype=str),
+                                "ids": self.ids, "stage": self.stage, "labels": self.labels,
+                                **{f"codes_{m}": self.codes[m] for m in MODALITIES}})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CodeStore:

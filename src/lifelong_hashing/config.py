@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MethodName = Literal["joint", "finetune", "dlch", "ccmh_gam", "orthohash"]
 METHOD_NAMES: tuple[str, ...] = MethodName.__args__
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_default=True)  # defaults coerced like values read from YAML
 
 
 class DatasetConfig(_Strict):
@@ -44,6 +44,19 @@ class DatasetConfig(_Strict):
     image_dim: int = Field(128, gt=0)
     text_dim: int = Field(300, gt=0)
     noise: float = Field(0.8, ge=0)
+
+
+# The datasets shipped in data/ (each folder's README says what it is): ``dataset: NAME`` in
+# params, or ``-S dataset=NAME``, stands for its entry here.
+EMBEDDED_DATASETS: dict[str, dict] = {
+    "wikipedia": {"kind": "npz", "path": "data/wikipedia/wikipedia.npz", "name": "wikipedia",
+                  "image_key": "image_sift_bovw", "text_key": "text_tfidf", "labels_key": "category",
+                  "categories_key": "category_names", "ids_key": "text_id", "split_key": "split"},
+    # real labels and tags, SIMULATED image side (data/mirflickr25k/README.md); DCMH's 2,000 random queries
+    "mirflickr25k": {"kind": "npz", "path": "data/mirflickr25k/mirflickr25k.npz", "name": "mirflickr25k",
+                     "image_key": "image_simulated", "text_key": "text_tags_bow", "labels_key": "labels",
+                     "categories_key": "category_names", "ids_key": "ids", "split_key": None, "query_size": 2000},
+}
 
 
 class StagesConfig(_Strict):
@@ -77,6 +90,9 @@ class TrainConfig(_Strict):
     lifelong_lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # PyTorch's CPU threads. Part of what fixes the codes: another count changes the order of
+    # floating-point reductions (MKL/oneDNN), hence some bits (README, "Reproducibility").
+    threads: int = Field(2, gt=0)
 
 
 class OrthoHashConfig(_Strict):
@@ -85,6 +101,7 @@ class OrthoHashConfig(_Strict):
     min_distance: float = Field(0.6, gt=0, le=1)  # of K bits, relaxed until a row fits
     distill: float = Field(1.0, ge=0)  # weight of the previous model's old-class logits (lifelong)
     temperature: float = Field(2.0, gt=0)
+    database_codes: Literal["labels", "encoders"] = "labels"  # lifelong OrthoHash (orthohash.py docstring)
 
 
 class DLCHConfig(_Strict):
@@ -93,6 +110,7 @@ class DLCHConfig(_Strict):
     gamma: float = 1.0  # graded pairwise terms of the base stage
     old_sample: int = Field(2000, ge=0)  # frozen old codes drawn per lifelong epoch
     dcc_iters: int = Field(3, gt=0)
+    database_codes: Literal["solved", "encoders"] = "solved"  # what new items store (dlch.py docstring)
 
 
 class CCMHGAMConfig(_Strict):
@@ -184,7 +202,7 @@ class PipelineConfig(_Strict):
     remote: str = "runs/dvc-remote"  # DVC remote: a folder (created on first use) or any DVC URL
     queries: str | None = None  # evaluation queries (a batch .npz); null: the dataset's query split
     block_on_alerts: bool = True  # a monitoring alert (forgetting, mAP drop) stops promotion
-    lock_timeout_seconds: float = Field(600, ge=0)  # how long a run waits for another to finish
+    lock_timeout_seconds: float = Field(600.0, ge=0)  # how long a run waits for another to finish
     push_retries: int = Field(3, ge=0)
     schedule: ScheduleConfig = ScheduleConfig()
 
@@ -204,6 +222,16 @@ class Params(_Strict):
     validation: ValidationConfig = ValidationConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
     pipeline: PipelineConfig = PipelineConfig()
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _embedded_dataset(cls, value):
+        if isinstance(value, str):
+            if value not in EMBEDDED_DATASETS:
+                raise ValueError(f"unknown embedded dataset {value!r}; choose one of {sorted(EMBEDDED_DATASETS)} "
+                                 "or give the dataset's keys")
+            return EMBEDDED_DATASETS[value]
+        return value
 
 
 class ConfigError(ValueError):

@@ -2,7 +2,14 @@
 
 Relevance: a database item is relevant to a query when they share at least one label.
 Ranking: by Hamming distance, ties broken by database position (DCMH's reference rule).
-Queries with no relevant item in the database are left out of every mean (their AP is undefined).
+
+Conventions, which differ between papers (``runner.evaluate_stage`` reports the skipped counts):
+- mAP@all: AP over the full ranking; a query with no relevant item in the database has no AP and
+  is skipped.
+- mAP@R: HashNet's convention. AP over the first R items, divided by the relevant items found
+  there (not by min(R, relevant)); a query with none in its first R is skipped.
+- P@k: the share of relevant items among the first k, averaged over *every* query: one with no
+  relevant item scores 0, as it would for a user of the search.
 """
 
 from __future__ import annotations
@@ -28,9 +35,9 @@ def _blocks(query_codes, db_codes, query_labels, db_labels):
 
 def per_query_ap(query_codes, db_codes, query_labels, db_labels, top_r: int | None = None) -> np.ndarray:
     """AP of each query over the full ranking (``top_r=None``) or its first R items; NaN where
-    the query has no relevant item there. AP@R divides by the relevant items retrieved in the top
-    R (the hashing literature's convention, as in DCMH's ``calc_map_k``). Counting by distance in
-    a compiled loop (``kernels.py``): no sort at all."""
+    the query has no relevant item there (skipped by the means). AP@R divides by the relevant
+    items retrieved in the first R (HashNet's convention). Counting by distance in a compiled
+    loop (``kernels.py``): no sort at all."""
     if len(query_codes) == 0:
         return np.empty(0)
     query_codes, db_codes = np.ascontiguousarray(query_codes, np.uint64), np.ascontiguousarray(db_codes, np.uint64)
@@ -60,7 +67,8 @@ def map_per_query_reference(query_codes, db_codes, query_labels, db_labels) -> f
 
 
 def precision_at_k(query_codes, db_codes, query_labels, db_labels, k: int) -> float:
-    """Mean share of relevant items among the first k of the ranking."""
+    """Mean share of relevant items among the first k of the ranking, over every query (one
+    without any relevant item counts 0)."""
     vals = []
     for d, rel in _blocks(query_codes, db_codes, query_labels, db_labels):
         order = rank_by_distance(d)[:, :k]

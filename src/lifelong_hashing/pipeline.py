@@ -28,9 +28,9 @@ from .batch import Batch, load_batch
 from .config import Params
 from .datasets import load_dataset
 from .registry import Registry
-from .runner import DIRECTIONS, evaluate_stage, history_summary, learn_stage, stage_groups, write_plots
+from .runner import DIRECTIONS, append_known, history_summary, learn_stage, write_plots
 from .stages import Stage
-from .state import RunState, load_state, new_state, save_state
+from .state import RunState, load_state, new_state, save_state, timings_path
 from .validation import BatchExpectations, ValidationResult, validate_batch
 
 MANIFEST_KEY = "batches"
@@ -207,20 +207,6 @@ def train(registry: Registry, arrival: Arrival, validation: ValidationResult, pa
                      validation_dir=str(work / "validation"))
 
 
-def append_known(state: RunState, batch: Batch, queries: Batch) -> dict:
-    """Encode a batch of known categories with the current encoders and add its codes to the
-    store; the latest stage's evaluation is refreshed to the grown database."""
-    method = state.method
-    aligned = batch.with_categories(method.categories)
-    state.store.append(aligned.ids, state.stage, aligned.labels, tuple(method.categories),
-                       method.database_codes(aligned))
-    record = state.history[-1]
-    record.update(evaluate_stage(method, state.store, queries, stage_groups(state), state.params))
-    record["database_size"] = len(state.store)
-    record["items_appended"] = record.get("items_appended", 0) + len(batch)
-    return record
-
-
 def export(candidate: Candidate, registry: Registry, params: Params) -> Candidate:
     """ONNX encoders with parity checks and the code store, as the next version (not promoted)."""
     from .versions import publish
@@ -256,6 +242,7 @@ def record(candidate: Candidate, registry: Registry, params: Params) -> str:
     try:
         shutil.rmtree(registry.state_dir, ignore_errors=True)
         shutil.move(candidate.state_dir, registry.state_dir)
+        shutil.move(timings_path(candidate.state_dir), timings_path(registry.state_dir))  # git, not DVC
         (registry.models_dir / "versions").mkdir(parents=True, exist_ok=True)
         shutil.move(version, registry.models_dir / "versions" / version.name)
         _move_tree(Path(candidate.validation_dir), registry.reports_dir / "validation" / candidate.arrival.key)
@@ -299,6 +286,12 @@ def _move_tree(src: Path, dest: Path) -> None:
 def recorded_history(registry: Registry) -> list[dict]:
     """The stage records of the workspace's state, read without loading the model."""
     return json.loads((registry.state_dir / "state.json").read_text())["history"]
+
+
+def recorded_summary(registry: Registry) -> dict:
+    """The workspace's history summary with its training seconds (``timings.json``, in git)."""
+    timings = timings_path(registry.state_dir)
+    return history_summary(recorded_history(registry), json.loads(timings.read_text()) if timings.exists() else None)
 
 
 def write_metrics(registry: Registry, history: list[dict], version: str, method: str) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 
 from .batch import Batch, read_npz
 from .codestore import MODALITIES
+from .files import write_npz
 
 _ARRAYS = ("ids", "stage", "labels_max", *(f"{m}_{k}" for m in MODALITIES for k in ("min", "max", "sample")))
 
@@ -69,7 +70,7 @@ class ReferenceProfile:
         for m in MODALITIES:
             arrays[f"{m}_min"], arrays[f"{m}_max"] = self.ranges[m]
             arrays[f"{m}_sample"] = self.samples[m]
-        np.savez_compressed(path, **arrays)
+        write_npz(path, arrays, compress=True)
 
     @staticmethod
     def load(path: str | Path) -> ReferenceProfile:

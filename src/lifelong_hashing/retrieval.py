@@ -94,8 +94,7 @@ class RetrievalModel:
         return {"model_version": self.version, "method": self.manifest["method"], "bits": self.bits,
                 "categories": list(self.store.categories), "database_size": len(self.store),
                 "stage": self.manifest["stage"], "input_shapes": {m: list(s) for m, s in self.input_shapes.items()},
-                "text_vocabulary": self.vocabulary is not None, "providers": list(execution_providers()),
-                "created": self.manifest.get("created")}
+                "text_vocabulary": self.vocabulary is not None, "providers": list(execution_providers())}
 
     def features(self, modality: str, features=None, words: list[list[str]] | None = None) -> np.ndarray:
         """Validate a query's inputs into a float32 array the encoder accepts."""

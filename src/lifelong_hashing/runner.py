@@ -3,7 +3,7 @@ several methods on the same stages (``lhash compare``)."""
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +13,12 @@ from .batch import Batch
 from .codestore import CodeStore
 from .config import Params
 from .datasets import load_dataset
+from .files import write_json, write_text
 from .methods import Method
 from .metrics import (
     average_map,
     backward_transfer,
     forgetting,
-    mean_average_precision,
     per_query_ap,
     pr_curve,
     precision_at_k,
@@ -26,9 +26,10 @@ from .metrics import (
 )
 from .report import format_table
 from .stages import Stage, StagePlan, plan_stages, queries_by_task
-from .state import RunState, load_state, new_state, save_state
+from .state import TIMING_KEYS, RunState, load_state, new_state, runtime_info, save_state
 
 DIRECTIONS = {"i2t": ("image", "text"), "t2i": ("text", "image")}  # query modality, database side
+log = logging.getLogger(__name__)
 
 
 def build_plan(params: Params) -> StagePlan:
@@ -50,9 +51,12 @@ def evaluate_stage(method: Method, store: CodeStore, queries: Batch, groups: lis
             "map_all": float(np.nanmean(ap)),
             "task_map": [float(np.nanmean(ap[task == j])) for j in range(len(groups))],
             "queries": int(len(answerable)),
+            "skipped": {"map_all": int(np.isnan(ap).sum())},  # queries left out of a mean (metrics.py)
         }
         for r in params.eval.map_at:
-            scores[f"map_at_{r}"] = mean_average_precision(q_codes, db_codes, answerable.labels, store.labels, r)
+            ap_r = per_query_ap(q_codes, db_codes, answerable.labels, store.labels, r)
+            scores[f"map_at_{r}"] = float(np.nanmean(ap_r)) if np.isfinite(ap_r).any() else float("nan")
+            scores["skipped"][f"map_at_{r}"] = int(np.isnan(ap_r).sum())
         for k in params.eval.precision_at:
             scores[f"precision_at_{k}"] = precision_at_k(q_codes, db_codes, answerable.labels, store.labels, k)
         out[direction] = scores
@@ -65,14 +69,32 @@ def stage_groups(state: RunState) -> list[tuple[str, ...]]:
 
 
 def learn_stage(state: RunState, stage: Stage, queries: Batch) -> dict:
-    """Train one stage, evaluate it on ``queries`` and append its record to the state's history."""
-    result = state.method.learn(stage, state.store)
+    """Train one stage, evaluate it on ``queries`` and append its record to the state's history
+    (what was learned) and its timing to the state's timings (how long it took: kept apart, so
+    that the same params give the same state files). Returns both in one dict."""
+    result = vars(state.method.learn(stage, state.store))
     state.reference.add_stage(stage.batch, stage.index, state.params.monitoring.reference_rows_per_stage,
                               state.params.seed)
     groups = stage_groups(state) + [tuple(stage.new_categories)]
-    record = {**vars(result), "database_size": len(state.store),
+    timing = {"stage": stage.index, **{k: result.pop(k) for k in TIMING_KEYS}}
+    record = {**result, "database_size": len(state.store),
               **evaluate_stage(state.method, state.store, queries, groups, state.params)}
     state.history.append(record)
+    state.timings.append(timing)
+    log.info("%s stage %d: %d items, database %d, %.1f s training, mAP I→T %.4f, T→I %.4f", state.method.name,
+             stage.index, len(stage.batch), len(state.store), timing["train_seconds"], record["i2t"]["map_all"],
+             record["t2i"]["map_all"])
+    return {**record, **timing}
+
+
+def append_known(state: RunState, batch: Batch, queries: Batch) -> dict:
+    """Encode a batch of known categories with the current encoders and add its codes to the
+    store (no training); the latest stage's evaluation is refreshed to the grown database."""
+    state.method.append(batch, state.store)
+    record = state.history[-1]
+    record.update(evaluate_stage(state.method, state.store, queries, stage_groups(state), state.params))
+    record["database_size"] = len(state.store)
+    record["items_appended"] = record.get("items_appended", 0) + len(batch)
     return record
 
 
@@ -84,9 +106,10 @@ def run_stage(state: RunState, plan: StagePlan) -> dict:
     return learn_stage(state, plan.stages[t], plan.queries)
 
 
-def history_summary(history: list[dict]) -> dict:
+def history_summary(history: list[dict], timings: list[dict] | None = None) -> dict:
     """What the stage records alone give: the records, and per direction the stage×task matrix
-    with its summaries (average mAP, forgetting, backward transfer). No model needed."""
+    with its summaries (average mAP, forgetting, backward transfer). No model needed. With
+    ``timings`` also the training seconds per stage and in total."""
     summary: dict = {"stages": history}
     for direction in DIRECTIONS:
         matrix = stage_task_matrix(history, direction)
@@ -100,8 +123,10 @@ def history_summary(history: list[dict]) -> dict:
             "mean_forgetting": float(forget.mean()) if len(forget) else 0.0,
             "backward_transfer": backward_transfer(matrix),
         }
-    summary["total_train_seconds"] = float(sum(r["train_seconds"] for r in history))
     summary["total_codes_rewritten"] = int(sum(r["codes_rewritten"] for r in history))
+    if timings is not None:
+        summary["timings"] = timings
+        summary["total_train_seconds"] = float(sum(t["train_seconds"] for t in timings))
     return summary
 
 
@@ -110,7 +135,8 @@ def summarize(state: RunState, queries: Batch) -> dict:
     precision–recall curves on ``queries``."""
     history = state.history
     summary = {"method": state.method.name, "dataset": state.params.dataset.name, "bits": state.params.model.bits,
-               "device": history[-1]["device"], **history_summary(history)}
+               "device": history[-1]["device"], "runtime": runtime_info(state.params.train.threads),
+               **history_summary(history, state.timings)}
     answerable, _ = queries_by_task(queries, stage_groups(state))
     bits = state.params.model.bits
     summary["pr_curve"] = {
@@ -122,9 +148,11 @@ def summarize(state: RunState, queries: Batch) -> dict:
 
 def stage_table(summary: dict) -> str:
     rows = []
+    seconds = {t["stage"]: t["train_seconds"] for t in summary.get("timings", [])}
     for rec in summary["stages"]:
+        took = seconds.get(rec["stage"])
         rows.append([rec["stage"], ",".join(rec["new_categories"]), rec["items_added"], rec["database_size"],
-                     f"{rec['train_seconds']:.1f}", rec["codes_rewritten"],
+                     "" if took is None else f"{took:.1f}", rec["codes_rewritten"],
                      f"{rec['i2t']['map_all']:.4f}", f"{rec['t2i']['map_all']:.4f}"])
     head = ["stage", "new categories", "items", "database", "train s", "rewritten", "mAP I→T", "mAP T→I"]
     text = format_table(head, rows)
@@ -142,10 +170,12 @@ def task_map_rows(summary: dict, direction: str) -> list[dict]:
 
 
 def write_outputs(summary: dict, out_dir: Path) -> None:
-    """metrics.json, table.md and plots/map_<direction>.csv (mAP per task across stages)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    (out_dir / "table.md").write_text(stage_table(summary) + "\n")
+    """metrics.json (everything but timings: the same params give the same bytes), table.md
+    (with training seconds, for people) and plots/map_<direction>.csv (mAP per task across
+    stages). The timings themselves are in timings.json, written with the state."""
+    metrics = {k: v for k, v in summary.items() if k not in ("timings", "total_train_seconds")}
+    write_json(out_dir / "metrics.json", metrics)
+    write_text(out_dir / "table.md", stage_table(summary) + "\n")
     write_plots(summary, out_dir / "plots")
 
 
@@ -155,7 +185,7 @@ def write_plots(summary: dict, plots_dir: Path) -> None:
     for direction in DIRECTIONS:
         lines = ["stage,task,map"] + [f"{r['stage']},{r['task']},{r['map']:.6f}"
                                       for r in task_map_rows(summary, direction)]
-        (plots_dir / f"map_{direction}.csv").write_text("\n".join(lines) + "\n")
+        write_text(plots_dir / f"map_{direction}.csv", "\n".join(lines) + "\n")
 
 
 def run_sequence(params: Params, out_dir: str | Path, *, quiet: bool = False) -> dict:
@@ -201,9 +231,7 @@ def compare(params: Params, methods: list[str], out_dir: str | Path, *, quiet: b
                      f"{s['total_train_seconds']:.1f}", s["total_codes_rewritten"]])
     head = ["method", "avg mAP I→T", "avg mAP T→I", "forgetting I→T", "forgetting T→I", "train s", "codes rewritten"]
     table = format_table(head, rows)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compare.md").write_text(table + "\n")
-    (out_dir / "compare.json").write_text(json.dumps(
-        {name: {k: v for k, v in s.items() if k not in ("stages", "pr_curve")} for name, s in results.items()},
-        indent=2))
+    write_text(out_dir / "compare.md", table + "\n")
+    write_json(out_dir / "compare.json",
+               {name: {k: v for k, v in s.items() if k not in ("stages", "pr_curve")} for name, s in results.items()})
     return {"table": table, "results": results}

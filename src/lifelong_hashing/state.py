@@ -4,12 +4,16 @@ profile of the data trained on (``reference.npz``) and the run's history (``stat
 vocabulary, per-stage results and mAP rows).
 
 Saving is atomic: the new state is written beside the old one and swapped in with renames, so
-a crash mid-save leaves the last good state in place.
+a crash mid-save leaves the last good state in place. It is also byte stable: the same params,
+thread count, CPU and library wheels give the same files (``files.py``), so DVC's hash of a state
+means its content. Wall-clock timings are therefore kept out of it, in ``timings.json`` beside
+the state directory.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -18,6 +22,7 @@ from pathlib import Path
 from . import __version__
 from .codestore import CodeStore
 from .config import Params
+from .files import write_json
 from .methods import Method, create_method
 from .reference import ReferenceProfile
 
@@ -33,10 +38,30 @@ class RunState:
     store: CodeStore
     history: list[dict] = field(default_factory=list)  # one record per completed stage
     reference: ReferenceProfile = field(default_factory=ReferenceProfile)
+    timings: list[dict] = field(default_factory=list)  # seconds per trained stage (not part of the state)
 
     @property
     def stage(self) -> int:
         return self.method.stage
+
+
+TIMING_KEYS = ("train_seconds", "encode_seconds")
+
+
+def timings_path(directory: str | Path) -> Path:
+    """``timings.json`` beside a state directory (in a run folder: beside metrics.json)."""
+    return Path(directory).parent / "timings.json"
+
+
+def runtime_info(threads: int) -> dict:
+    """What besides params decides the codes bit for bit: the thread count, the CPU's vector
+    capability (which MKL/oneDNN kernels run) and the library builds."""
+    import numpy
+    import torch
+
+    return {"threads": threads, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "project_version": __version__}
 
 
 def new_state(params: Params, image_shape: tuple[int, ...], text_dim: int) -> RunState:
@@ -52,10 +77,11 @@ def save_state(state: RunState, directory: str | Path) -> Path:
         state.method.save(tmp / "model")
         state.store.save(tmp / "codes.npz")
         state.reference.save(tmp / "reference.npz")
-        record = {"project_version": __version__, "method": state.method.name, "stage": state.stage,
-                  "categories": list(state.method.categories), "bits": state.params.model.bits,
-                  "params": state.params.model_dump(), "history": state.history}
-        (tmp / "state.json").write_text(json.dumps(record, indent=2))
+        write_json(tmp / "state.json", {
+            "project_version": __version__, "method": state.method.name, "stage": state.stage,
+            "categories": list(state.method.categories), "bits": state.params.model.bits,
+            "params": state.params.model_dump(), "runtime": runtime_info(state.params.train.threads),
+            "history": state.history})
         old = directory.with_name(f".{directory.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if directory.exists():
@@ -65,6 +91,7 @@ def save_state(state: RunState, directory: str | Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    write_json(timings_path(directory), state.timings)
     return directory
 
 
@@ -83,4 +110,6 @@ def load_state(directory: str | Path) -> RunState:
     store = CodeStore.load(directory / "codes.npz")
     if len(store.categories) != len(method.categories):
         raise StateError(f"{directory}: code store and model disagree on the vocabulary")
-    return RunState(params, method, store, record["history"], ReferenceProfile.load(directory / "reference.npz"))
+    timings = timings_path(directory)
+    return RunState(params, method, store, record["history"], ReferenceProfile.load(directory / "reference.npz"),
+                    json.loads(timings.read_text()) if timings.exists() else [])

@@ -11,18 +11,16 @@ atomic rename of the pointer file.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from . import __version__
 from .batch import read_npz
 from .config import DatasetConfig, ExportConfig
 from .export import export_method, vocabulary_hash
+from .files import write_json, write_text
 from .state import RunState
 
 POINTER = "CURRENT"
@@ -71,14 +69,13 @@ def publish(state: RunState, models_dir: str | Path, cfg: ExportConfig, number: 
         state.store.save(tmp / "codes.npz")
         method = state.method
         manifest = {
-            "version": name, "project_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                      time.gmtime()),
+            "version": name, "project_version": __version__,
             "method": method.name, "stage": method.stage, "bits": method.bits,
             "categories": list(method.categories), "vocabulary_hash": vocabulary_hash(method.categories),
             "database_size": len(state.store), **report,
             "text_vocabulary": text_vocabulary(state.params.dataset),
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        write_json(tmp / "manifest.json", manifest)
         tmp.rename(root / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -91,10 +88,7 @@ def promote(models_dir: str | Path, version: str) -> None:
     target = versions_dir(models_dir) / version
     if not _NAME.match(version) or not (target / "manifest.json").exists():
         raise VersionError(f"{models_dir}: no published version {version!r} (have {list_versions(models_dir)})")
-    fd, tmp = tempfile.mkstemp(dir=models_dir, prefix=".CURRENT.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(version + "\n")
-    os.replace(tmp, Path(models_dir) / POINTER)
+    write_text(Path(models_dir) / POINTER, version + "\n")
 
 
 def current_version(models_dir: str | Path) -> str | None:

@@ -25,6 +25,7 @@ from ..batch import Batch
 from ..codestore import MODALITIES, CodeStore, pack_codes
 from ..config import Params
 from ..encoders import build_encoder, pick_device
+from ..files import atomic_write, write_json, write_npz
 from ..stages import Stage
 
 _ENCODE_BLOCK = 4096
@@ -80,6 +81,7 @@ class Method:
         self.device = pick_device(params.train.device)
         self.image_shape, self.text_dim = tuple(image_shape), int(text_dim)
         self.bits = params.model.bits
+        torch.set_num_threads(params.train.threads)  # codes depend on it (MKL/oneDNN reduction order)
         torch.manual_seed(params.seed)
         self.image_net, self.text_net = self._new_encoders()
         self.categories: tuple[str, ...] = ()
@@ -111,6 +113,12 @@ class Method:
         batch = stage.batch
         store.append(batch.ids, stage.index, batch.labels, stage.categories, self.database_codes(batch))
 
+    def append(self, batch: Batch, store: CodeStore) -> None:
+        """Add items of known categories to the database without training (the pipeline's
+        append of a batch that declares no new category)."""
+        aligned = batch.with_categories(self.categories)
+        store.append(aligned.ids, self.stage, aligned.labels, self.categories, self.database_codes(aligned))
+
     # ---- shared machinery ----------------------------------------------------------------
     def _new_encoders(self) -> tuple[nn.Module, nn.Module]:
         m = self.params.model
@@ -130,8 +138,10 @@ class Method:
             raise MethodError(f"{self.name}: expected stage {self.stage + 1}, got stage {stage.index}")
         self._check_inputs(stage.batch)
         before = {m: store.codes[m].copy() for m in MODALITIES}
-        self._grow(stage.categories)
+        # Seeded before anything random (growing label-sized layers draws weights), so a stage
+        # resumed in a fresh process draws exactly what a continuous run draws.
         torch.manual_seed(self.params.seed * 1000 + stage.index)
+        self._grow(stage.categories)
         start = time.perf_counter()
         final_loss = self.train_stage(stage.batch, stage.index, store)
         trained = time.perf_counter()
@@ -188,7 +198,7 @@ class Method:
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=lr, weight_decay=self.params.train.weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, int(0.8 * epochs))], 0.1)
-        gen = torch.Generator().manual_seed(self.params.seed * 7919 + max(self.stage, 0) + 1)
+        gen = torch.Generator().manual_seed(self.params.seed * 7919 + self.stage + 1)  # one stream per stage
         bs = self.params.train.batch_size
         last = float("nan")
         for _ in tqdm(range(epochs), desc=desc or self.name, leave=False, disable=None):
@@ -223,11 +233,12 @@ class Method:
     # ---- persistence -----------------------------------------------------------------------
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        torch.save({k: m.state_dict() for k, m in self.nets().items()}, directory / "weights.pt")
-        np.savez(directory / "method_state.npz", **self.arrays())
-        meta = {"method": self.name, "stage": self.stage, "categories": list(self.categories),
-                "image_shape": list(self.image_shape), "text_dim": self.text_dim, "bits": self.bits}
-        (directory / "method.json").write_text(json.dumps(meta, indent=2))
+        with atomic_write(directory / "weights.pt") as fh:
+            torch.save({k: m.state_dict() for k, m in self.nets().items()}, fh)
+        write_npz(directory / "method_state.npz", self.arrays())
+        write_json(directory / "method.json", {
+            "method": self.name, "stage": self.stage, "categories": list(self.categories),
+            "image_shape": list(self.image_shape), "text_dim": self.text_dim, "bits": self.bits})
 
     def restore(self, directory: Path) -> None:
         meta = json.loads((directory / "method.json").read_text())
