@@ -19,6 +19,8 @@ class order ``b``. A difference smaller than the seeds' spread is not a ranking.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import tempfile
 import time
@@ -59,9 +61,12 @@ ORDERS = ("a", "b")  # a: the dataset's own category order; b: a seeded permutat
 
 
 def case_params(case: Case, order: str, bits: int, method: str, seed: int, epochs: int) -> Params:
+    """params.yaml with the case's data, stages and epochs; lifelong stages keep params.yaml's
+    ratio of lifelong to base epochs."""
+    default = load_params(ROOT / "params.yaml").train
     params = load_params(ROOT / "params.yaml", {
-        "seed": seed, "dataset": case.dataset, "model.bits": bits, "method.name": method,
-        "train.epochs": epochs, "train.lifelong_epochs": epochs,
+        "seed": seed, "dataset": case.dataset, "model.bits": bits, "method.name": method, "train.epochs": epochs,
+        "train.lifelong_epochs": math.ceil(epochs * default.lifelong_epochs / default.epochs),
         "stages": {"base": case.base, "per_stage": case.per_stage},
         "eval": {"map_at": [], "precision_at": []}})
     if order == "b":
@@ -78,6 +83,10 @@ def run_one(params: Params, out: Path) -> dict:
             "stages": len(s["stages"]), "database_size": s["stages"][-1]["database_size"],
             "average_map_i2t": [round(v, 5) for v in s["i2t"]["average_map"]],
             "average_map_t2i": [round(v, 5) for v in s["t2i"]["average_map"]]}
+
+
+def row_key(row: dict) -> tuple:
+    return tuple(row[k] for k in ("dataset", "order", "bits", "method", "seed", "epochs", "lifelong_epochs"))
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -180,12 +189,16 @@ def main() -> None:
     ap.add_argument("--bits", nargs="+", type=int, help="default: 32 64 (--small: 32)")
     ap.add_argument("--orders", nargs="+", choices=ORDERS, help="default: a b (--small: a)")
     ap.add_argument("--epochs", type=int, help="override every dataset's epochs (--small: 3)")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in the results file and "
+                                                           "measure only the missing ones")
     args = ap.parse_args()
     bits = args.bits or ([32] if args.small else [32, 64])
     orders = args.orders or (["a"] if args.small else list(ORDERS))
     epochs = args.epochs or (3 if args.small else None)
     name = "quality_small" if args.small else "quality"
-    rows: list[dict] = []
+    path = RESULTS / f"{name}.json"
+    rows: list[dict] = json.loads(path.read_text()) if args.resume and path.exists() else []
+    done = {row_key(r) for r in rows}
     scratch = Path(tempfile.mkdtemp(prefix="lhash-quality-"))
     started = time.perf_counter()
     for dataset in args.datasets:
@@ -198,8 +211,10 @@ def main() -> None:
                     for method in args.methods:
                         params = case_params(case, order, b, method, seed, epochs or case.epochs)
                         row = {"dataset": dataset, "order": order, "bits": b, "method": method, "seed": seed,
-                               "epochs": params.train.epochs,
-                               **run_one(params, scratch / f"{dataset}-{order}-{b}-{seed}-{method}")}
+                               "epochs": params.train.epochs, "lifelong_epochs": params.train.lifelong_epochs}
+                        if row_key(row) in done:
+                            continue
+                        row.update(run_one(params, scratch / f"{dataset}-{order}-{b}-{seed}-{method}"))
                         rows.append(row)
                         print(f"[{time.perf_counter() - started:7.0f} s] {dataset} {order} {b} bits seed {seed} "
                               f"{method}: I→T {row['i2t']:.4f} T→I {row['t2i']:.4f} {row['train_seconds']:.1f} s",

@@ -39,7 +39,7 @@ from .conftest import ROOT
 WIKI_OVERRIDES = {"method.name": "orthohash", "train.epochs": 12, "train.lifelong_epochs": 12,
                   "model.hidden": [512], "stages.base": 4, "stages.per_stage": 3,
                   "serving.max_body_bytes": 2_000_000, "serving.poll_seconds": 0.2,
-                  "export.int8_min_agreement": 0.99}
+                  "export.int8_min_agreement": None}
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +104,15 @@ def test_export_parity_metadata_and_dynamic_batch(wiki):
         for n in (1, 7):
             code, bits = session.run(None, {"features": np.ones((n, dim), np.float32)})
             assert code.shape == (n, 64) and bits.shape == (n, 8) and bits.dtype == np.uint8
-        int8 = entry["int8"]
-        assert int8["used"] == (int8["bit_agreement"] >= 0.99)
-        assert (wiki["version"] / f"{modality}.int8.onnx").exists() == int8["used"]
+        assert "int8" not in entry and not (wiki["version"] / f"{modality}.int8.onnx").exists()
+
+
+def test_int8_copies_are_kept_only_when_they_agree_with_fp32(wiki, tmp_path):
+    version = publish(wiki["state"], tmp_path / "models", ExportConfig(int8_min_agreement=0.99))
+    for modality in ("image", "text"):
+        int8 = json.loads((version / "manifest.json").read_text())["encoders"][modality]["int8"]
+        assert int8["used"] == (int8["bit_agreement"] >= 0.99) and int8["threshold"] == 0.99
+        assert (version / f"{modality}.int8.onnx").exists() == int8["used"]
 
 
 def test_export_that_fails_parity_is_an_error_and_leaves_no_version(wiki, monkeypatch, tmp_path):

@@ -84,7 +84,7 @@ class ModelConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: int = Field(40, gt=0)
-    lifelong_epochs: int = Field(40, gt=0)
+    lifelong_epochs: int = Field(10, gt=0)  # stages after the base one start from trained encoders
     batch_size: int = Field(128, gt=0)
     lr: float = Field(1e-3, gt=0)
     lifelong_lr: float = Field(3e-4, gt=0)
@@ -122,7 +122,7 @@ class CCMHGAMConfig(_Strict):
 
 class MethodConfig(_Strict):
     name: MethodName = "orthohash"
-    memory_per_category: int = Field(20, ge=0)  # exemplars the lifelong methods keep per category
+    memory_per_category: int = Field(100, ge=0)  # exemplars the lifelong methods keep per category
     orthohash: OrthoHashConfig = OrthoHashConfig()
     dlch: DLCHConfig = DLCHConfig()
     ccmh_gam: CCMHGAMConfig = CCMHGAMConfig()
@@ -145,7 +145,7 @@ class CompareConfig(_Strict):
 
 class ExportConfig(_Strict):
     models_dir: str = "models"
-    int8_min_agreement: float | None = Field(0.99, gt=0, le=1)  # null: no int8 copies
+    int8_min_agreement: float | None = Field(None, gt=0, le=1)  # null: no int8 copies (README: why)
 
 
 class ServingConfig(_Strict):

@@ -69,3 +69,11 @@ def class_balanced_weights(labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels, np.float64)
     inverse = 1.0 / np.maximum(labels.sum(axis=0), 1)
     return (labels @ inverse) / labels.sum(axis=1)
+
+
+def database_share_weights(n_new: int, n_memory: int, old_items: int) -> np.ndarray:
+    """Sampling weight per row of [new batch; memory] so that the memory, which stands for the
+    ``old_items`` already in the database, is drawn as often as those items would be in joint
+    retraining: a share old / (old + new) of all draws, uniform within each part."""
+    share = old_items / (old_items + n_new) if n_memory else 0.0
+    return np.concatenate([np.full(n_new, (1 - share) / n_new), np.full(n_memory, share / max(n_memory, 1))])
