@@ -130,8 +130,9 @@ class LifelongOrthoHash(CodebookMethod):
     queries with old labels alone (mirflickr25k task 0, T→I: 0.94 after its stage, 0.46 after
     three more). The memory's size (``method.memory_per_category``) is what mainly holds that;
     distillation helps on single-label Wikipedia and is neutral to slightly harmful on
-    mirflickr25k; half the epochs in lifelong stages (params.yaml) cost nothing measurable in mAP
-    (measured in bench/quality.py; the sweep behind these choices is in README, "Methods").
+    mirflickr25k; a quarter of the base stage's epochs in lifelong stages (params.yaml) costs
+    nothing measurable in mAP (the sweep behind these choices is in README, "Methods"; the
+    mean ± sd over seeds in bench/quality.py).
 
     Database codes (``method.orthohash.database_codes``): ``labels`` stores for each new item the
     code its labels vote for, the sign of the sum of its class codes (OrthoHash's target), and
