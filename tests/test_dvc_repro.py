@@ -95,10 +95,20 @@ def test_exp_run_sweeps_bits_and_method(reproduced):
     assert any(p["model"]["bits"] == 32 and p["method"]["name"] == "dlch" for p in params), shown
 
 
+# What the committed dvc.lock was made with (README, "Reproducibility"): elsewhere the hashes of
+# the trained outputs legitimately differ, and the check below does not apply.
+LOCK_RUNTIME = {"cpu_capability": "AVX512", "machine": "x86_64", "torch": "2.13.0+cpu"}
+
+
 def test_repro_of_the_committed_params_leaves_the_committed_dvc_lock_unchanged(tmp_path):
-    """The repository's dvc.lock is what `dvc repro` gives on this kind of machine (2 threads, the
-    pinned wheels): a fresh clone reproduces every hash, so `dvc status` and the cache mean
-    something."""
+    """The repository's dvc.lock is what `dvc repro` gives on the machine it was made on (2
+    threads, the pinned wheels): a fresh clone reproduces every hash, so `dvc status` and the
+    cache mean something."""
+    from lifelong_hashing.state import runtime_info
+
+    here = {k: v for k, v in runtime_info(2).items() if k in LOCK_RUNTIME}
+    if here != LOCK_RUNTIME:
+        pytest.skip(f"dvc.lock was made on {LOCK_RUNTIME}; this machine is {here}")
     clone = clean_clone(tmp_path, small=False)
     sh([sys.executable, "-m", "dvc", "repro"], clone)
     assert sh(["git", "status", "--porcelain", "dvc.lock"], clone) == "", sh(["git", "diff", "dvc.lock"], clone)
