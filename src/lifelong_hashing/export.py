@@ -90,6 +90,11 @@ def export_encoder(method: Method, modality: str, path: Path, metadata: dict[str
     # The exporter's intermediate shape annotations can contradict ONNX's own inference (seen with
     # transposed weights), which breaks quantization tools; the runtime re-infers them anyway.
     del model.graph.value_info[:]
+    # The exporter records each node's Python stack trace, with the absolute path of this source
+    # tree: the same model exported from another checkout would differ in bytes (and in DVC hash).
+    for node in [*model.graph.node, *(n for f in model.functions for n in f.node)]:
+        del node.metadata_props[:]
+        node.doc_string = ""
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, str(value)
