@@ -121,11 +121,11 @@ class CodeStore:
     def rows_of(self, ids) -> np.ndarray:
         """Row of each id; an id not in the store is an error."""
         ids = np.asarray(ids).astype(str)
+        if not len(self):
+            raise CodeStoreError(f"ids not in the store (it is empty): {ids[:5].tolist()}")
         order = np.argsort(self.ids, kind="stable")
-        pos = np.searchsorted(self.ids, ids, sorter=order)
-        pos = np.minimum(pos, max(len(self) - 1, 0))
-        rows = order[pos] if len(self) else np.zeros(len(ids), np.int64)
-        missing = ~(self.ids[rows] == ids) if len(self) else np.ones(len(ids), bool)
+        rows = order[np.minimum(np.searchsorted(self.ids, ids, sorter=order), len(self) - 1)]
+        missing = self.ids[rows] != ids
         if missing.any():
             raise CodeStoreError(f"ids not in the store: {ids[missing][:5].tolist()}")
         return rows
