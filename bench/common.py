@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -47,6 +48,15 @@ def start_service(models_dir: Path, log_path: Path) -> tuple[subprocess.Popen, s
         time.sleep(0.3)
     proc.kill()
     sys.exit(f"service did not start; see {log_path}")
+
+
+def lifelong_epochs_for(epochs: int) -> int:
+    """The lifelong stages' epochs for a run of ``epochs`` base epochs, at params.yaml's ratio, so a
+    benchmark with a shorter budget measures the product's defaults scaled down, not other ones."""
+    from lifelong_hashing.config import load_params
+
+    train = load_params(ROOT / "params.yaml").train
+    return math.ceil(epochs * train.lifelong_epochs / train.epochs)
 
 
 def write_result(name: str, payload: dict) -> Path:

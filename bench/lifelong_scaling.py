@@ -1,7 +1,8 @@
 """Lifelong stages against retraining as the database grows: training seconds per stage and in
 total, final average mAP both directions, stored codes rewritten. SYNTHETIC data (the seeded
 generator: multi-label, co-occurring labels, two modalities), 12 category-incremental stages
-growing to --items database items; then the same methods on Wikipedia's stages.
+growing to --items database items; then the same methods on Wikipedia's stages. Stages after the
+base one train params.yaml's share of the base epochs, as the product does.
 
     python bench/lifelong_scaling.py            # 200,000 items (several minutes)
     python bench/lifelong_scaling.py --small    # 24,000 items, for a quick look
@@ -15,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, write_result  # noqa: E402
+from common import ROOT, lifelong_epochs_for, write_result  # noqa: E402
 
 from lifelong_hashing.config import load_params  # noqa: E402
 from lifelong_hashing.runner import run_sequence  # noqa: E402
@@ -28,7 +29,8 @@ def synthetic_params(items: int, epochs: int):
         "dataset": {"kind": "synthetic", "name": "synthetic", "n_items": items + 2000, "n_categories": 24,
                     "image_dim": 128, "text_dim": 300, "noise": 0.8, "query_size": 2000},
         "stages": {"base": 2, "per_stage": 2},
-        "model.hidden": [512], "train.epochs": epochs, "train.lifelong_epochs": epochs, "train.batch_size": 256,
+        "model.hidden": [512], "train.epochs": epochs,
+        "train.lifelong_epochs": lifelong_epochs_for(epochs), "train.batch_size": 256,
         "eval": {"map_at": [], "precision_at": []},
     })
 
@@ -79,11 +81,12 @@ def main() -> None:
     items = 24_000 if args.small else args.items
     out = Path(tempfile.mkdtemp(prefix="lhash-scaling-"))
     print(f"synthetic, {items} items …", file=sys.stderr)
-    payload = {"synthetic": {"items": items, "epochs": args.epochs,
+    payload = {"synthetic": {"items": items, "epochs": args.epochs, "lifelong_epochs": lifelong_epochs_for(args.epochs),
                              "results": run_all(synthetic_params(items, args.epochs), args.methods, out / "syn")}}
     device = payload["synthetic"]["results"]["joint"]["device"]
     print(f"device: {device}" + (" (no CUDA here: the same code runs on CPU)" if device == "cpu" else ""))
-    print_tables(f"SYNTHETIC, 12 stages growing to {items} items, 64 bits, {args.epochs} epochs a stage",
+    print_tables(f"SYNTHETIC, 12 stages growing to {items} items, 64 bits, {args.epochs} epochs a joint or "
+                 f"finetune stage, {lifelong_epochs_for(args.epochs)} a lifelong one",
                  payload["synthetic"]["results"])
     if not args.no_wikipedia:
         print("Wikipedia …", file=sys.stderr)

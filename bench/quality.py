@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, write_result  # noqa: E402
+from common import RESULTS, ROOT, lifelong_epochs_for, write_result  # noqa: E402
 
 from lifelong_hashing.config import EMBEDDED_DATASETS, METHOD_NAMES, Params, load_params  # noqa: E402
 from lifelong_hashing.datasets import load_dataset  # noqa: E402
@@ -52,10 +51,11 @@ CASES = {
     "wikipedia": Case(EMBEDDED_DATASETS["wikipedia"], base=4, per_stage=2, epochs=40),
     # 12 base labels, then 4 + 4 + 4 (the issue's first split); items go to the stage of their newest label
     "mirflickr25k": Case(EMBEDDED_DATASETS["mirflickr25k"], base=12, per_stage=4, epochs=10),
-    # SYNTHETIC multi-label: 24 categories, 4 base then 2 a stage: 11 stages
+    # SYNTHETIC multi-label: 24 categories, 8 base then 4 + 4 + 4 + 4 (bench/lifelong_scaling.py
+    # runs the long sequence: 12 stages to 200,000 items)
     "synthetic": Case({"kind": "synthetic", "name": "synthetic", "n_items": 24_000, "n_categories": 24,
                        "image_dim": 128, "text_dim": 300, "noise": 0.8, "query_size": 2000},
-                      base=4, per_stage=2, epochs=10),
+                      base=8, per_stage=4, epochs=10),
 }
 ORDERS = ("a", "b")  # a: the dataset's own category order; b: a seeded permutation of it
 
@@ -63,10 +63,9 @@ ORDERS = ("a", "b")  # a: the dataset's own category order; b: a seeded permutat
 def case_params(case: Case, order: str, bits: int, method: str, seed: int, epochs: int) -> Params:
     """params.yaml with the case's data, stages and epochs; lifelong stages keep params.yaml's
     ratio of lifelong to base epochs."""
-    default = load_params(ROOT / "params.yaml").train
     params = load_params(ROOT / "params.yaml", {
         "seed": seed, "dataset": case.dataset, "model.bits": bits, "method.name": method, "train.epochs": epochs,
-        "train.lifelong_epochs": math.ceil(epochs * default.lifelong_epochs / default.epochs),
+        "train.lifelong_epochs": lifelong_epochs_for(epochs),
         "stages": {"base": case.base, "per_stage": case.per_stage},
         "eval": {"map_at": [], "precision_at": []}})
     if order == "b":
@@ -96,7 +95,7 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 def tables(rows: list[dict]) -> str:
     """Per dataset, order and bits: mean ± sd over seeds, and each method against joint and
-    finetune. "beats finetune" needs the mean gap to exceed the larger of the two seed spreads."""
+    finetune (``versus``: gaps paired by seed, a verdict only beyond their spread)."""
     out = []
     keys = sorted({(r["dataset"], r["order"], r["bits"]) for r in rows}, key=lambda k: (list(CASES).index(k[0]), k[1:]))
     for dataset, order, bits in keys:
@@ -119,7 +118,7 @@ def tables(rows: list[dict]) -> str:
             else:
                 cells.append("–")
                 time_share = "–"
-            cells.append(" / ".join(versus(s[d], stat["finetune"][d]) for d in ("i2t", "t2i"))
+            cells.append(" / ".join(versus(group, m, "finetune", d) for d in ("i2t", "t2i"))
                          if "finetune" in stat and m != "finetune" else "–")
             rewritten = max(r["codes_rewritten"] for r in group if r["method"] == m)
             cells += [pm(s["train_seconds"], 1), time_share, f"{rewritten:,}"]
@@ -131,12 +130,16 @@ def pm(value: tuple[float, float], digits: int) -> str:
     return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
 
 
-def versus(a: tuple[float, float], b: tuple[float, float]) -> str:
-    """better / worse when the mean gap exceeds both seed spreads, else "within noise"."""
-    gap = a[0] - b[0]
-    if abs(gap) <= max(a[1], b[1]):
-        return f"{gap:+.3f} (noise)"
-    return f"{gap:+.3f} ({'better' if gap > 0 else 'worse'})"
+def versus(group: list[dict], method: str, baseline: str, direction: str) -> str:
+    """The gap to ``baseline``, paired by seed (a seed fixes the split, the class order of order
+    b and the synthetic data, so pairing removes the task's own variance): mean ± sd of the
+    per-seed gaps, "better" / "worse" only when the mean exceeds that sd, else "noise"."""
+    score = {(r["method"], r["seed"]): r[direction] for r in group}
+    seeds = sorted(s for m, s in score if m == method and (baseline, s) in score)
+    gaps = [score[(method, s)] - score[(baseline, s)] for s in seeds]
+    gap, sd = mean_sd(gaps)
+    verdict = "noise" if abs(gap) <= sd or len(gaps) < 2 else "better" if gap > 0 else "worse"
+    return f"{gap:+.3f} ± {sd:.3f} ({verdict})"
 
 
 def figures(rows: list[dict], suffix: str) -> list[Path]:
