@@ -39,8 +39,9 @@ def validate(registry: Registry, arrival: pipeline.Arrival, params: Params):
 
 
 @task(name="quarantine", retries=2, retry_delay_seconds=2, **STEP)
-def quarantine(arrival: pipeline.Arrival, params: Params, reason: str, reports: list[Path]) -> Path:
-    return pipeline.quarantine(arrival, params.pipeline.quarantine, reason, reports)
+def quarantine(arrival: pipeline.Arrival, params: Params, reason: str, reports: list[Path], kind: str,
+               errors: list[str] | None) -> Path:
+    return pipeline.quarantine(arrival, params.pipeline.quarantine, reason, reports, kind, errors)
 
 
 @task(name="train", **STEP)
@@ -70,37 +71,42 @@ def promote_version(registry: Registry, version: str) -> None:
 
 @flow(name="lifelong-hashing-pipeline")
 def process_incoming(params_path: str = "params.yaml", overrides: dict | None = None) -> list[dict]:
-    """Process every new batch in the incoming folder, oldest first. Ends failed, saying why,
-    when a batch was rejected or a step failed; the served version is then the previous one."""
+    """Process every new batch in the incoming folder, oldest first; one batch's failure never
+    keeps the others from being processed. Ends failed, saying why, when a batch was rejected or
+    failed; the served version is then the last one that succeeded."""
     logger = get_run_logger()
     params = load_params(params_path, overrides)
     registry = Registry.from_params(params)
     registry.init()
-    outcomes, rejected = [], []
+    outcomes = []
     with registry.acquire(params.pipeline.lock_timeout_seconds):
         healed = pipeline.reconcile_serving(registry)
         if healed:
             logger.warning("serving pointed away from the last recorded version; serving %s again", healed)
         found = scan(registry, params)
-        for name in found.ignored:
-            logger.warning("incoming: %s is not a batch file (.npz); left alone", name)
+        for name, why in found.skipped:
+            logger.warning("incoming: %s skipped: %s", pipeline.printable(name), why)
         for arrival, entry in found.duplicates:
             logger.info("incoming: %s was already processed (%s as %s); removing the copy",
-                        arrival.name, entry.get("tag", "-"), entry.get("name"))
+                        pipeline.printable(arrival.name), entry.get("tag", "-"),
+                        pipeline.printable(str(entry.get("name"))))
             arrival.path.unlink(missing_ok=True)
         for arrival in found.pending:
-            outcome = process_batch(arrival, registry, params)
-            outcomes.append(outcome)
-            if outcome["status"] == "rejected":
-                rejected.append(f"{arrival.name}: {outcome['reason']} (kept in {outcome['quarantine']})")
+            outcomes.append(process_batch(arrival, registry, params))
+            if outcomes[-1]["status"] != "failed":  # promoted or quarantined: its failures are history
+                pipeline.forget_attempts(registry, arrival)
     if not found.pending:
         logger.info("incoming: nothing new in %s", params.pipeline.incoming)
-    if rejected:
-        raise pipeline.BatchRejected("; ".join(rejected))
+    problems = [f"{pipeline.printable(o['file'])}: {o['reason']}" for o in outcomes if o["status"] != "promoted"]
+    if problems:
+        raise pipeline.BatchRejected("; ".join(problems))
     return outcomes
 
 
 def process_batch(arrival: pipeline.Arrival, registry: Registry, params: Params) -> dict:
+    """Validate, train, export, monitor, record and promote one batch. A defect of the batch
+    quarantines it now; any other failure leaves it for the next run, until it is poison."""
+    logger = get_run_logger()
     work = registry.work_dir / arrival.key
     try:
         validation = validate(registry, arrival, params)
@@ -118,6 +124,19 @@ def process_batch(arrival: pipeline.Arrival, registry: Registry, params: Params)
         version = Path(candidate.version_dir).name
         promote_version(registry, version)
         arrival.path.unlink()
+    except Exception as error:  # noqa: BLE001 - every failure is this batch's outcome; the run goes on
+        if pipeline.is_batch_defect(error):
+            return _reject(arrival, params, f"batch defect: {error}", [work / "validation"], kind="defect")
+        errors = pipeline.count_failure(registry, arrival, error)
+        if len(errors) >= params.pipeline.max_attempts:
+            return _reject(arrival, params, f"poison: failed {len(errors)} runs; last: {errors[-1]}",
+                           [work / "validation"], kind="poison", errors=errors)
+        logger.error("%s failed (attempt %d of %d), kept for the next run: %s: %s",
+                     pipeline.printable(arrival.name), len(errors), params.pipeline.max_attempts,
+                     type(error).__name__, error)
+        return {"status": "failed", "file": arrival.name, "attempts": len(errors),
+                "reason": f"failed (attempt {len(errors)} of {params.pipeline.max_attempts}, kept for the next "
+                          f"run): {type(error).__name__}: {error}"}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     publish_artifacts(candidate, registry, tag, version)
@@ -125,23 +144,26 @@ def process_batch(arrival: pipeline.Arrival, registry: Registry, params: Params)
             "version": version, "tag": tag, "new_categories": candidate.new_categories}
 
 
-def _reject(arrival, params: Params, reason: str, reports: list[Path], validation_html: str | None = None) -> dict:
-    dest = quarantine(arrival, params, reason, reports)
+def _reject(arrival, params: Params, reason: str, reports: list[Path], validation_html: str | None = None,
+            kind: str = "rejected", errors: list[str] | None = None) -> dict:
+    dest = quarantine(arrival, params, reason, reports, kind, errors)
+    shown = pipeline.markdown_text(arrival.name)
     create_markdown_artifact(
-        key="rejected-batch", description=f"{arrival.name} quarantined",
-        markdown=f"# Batch rejected: `{arrival.name}`\n\n- sha256: `{arrival.sha256}`\n- reason: {reason}\n"
-                 f"- kept in: `{dest}` (the batch, its reports and `reason.json`)\n")
+        key="rejected-batch", description=f"{pipeline.printable(arrival.name)[:200]} quarantined ({kind})",
+        markdown=f"# Batch quarantined ({kind}): {shown}\n\n- sha256: `{arrival.sha256}`\n"
+                 f"- reason: {pipeline.markdown_text(reason)}\n"
+                 f"- kept in: {pipeline.markdown_text(str(dest))} (the batch, its reports and reason.json)\n")
     if validation_html:
         page = dest / "validation" / Path(validation_html).relative_to(Path(reports[0]))
         create_link_artifact(key="validation-report", link=page.resolve().as_uri(),
-                             link_text=f"Great Expectations report of {arrival.name}")
+                             link_text=f"Great Expectations report of {shown}")
     return {"status": "rejected", "file": arrival.name, "reason": reason, "quarantine": str(dest)}
 
 
 def publish_artifacts(candidate: pipeline.Candidate, registry: Registry, tag: str, version: str) -> None:
     """Markdown summary, the stage×task matrix as a table, links to the reports."""
     metrics = pipeline.read_metrics(registry)
-    lines = [f"# {version} ({tag}): {candidate.kind} of `{candidate.arrival.name}`", "",
+    lines = [f"# {version} ({tag}): {candidate.kind} of {pipeline.markdown_text(candidate.arrival.name)}", "",
              f"- items: {candidate.items}; stage {candidate.stage}; new categories: "
              f"{', '.join(candidate.new_categories) or 'none (known categories, codes appended, no training)'}",
              f"- sha256: `{candidate.arrival.sha256}`", "",
@@ -162,7 +184,7 @@ def publish_artifacts(candidate: pipeline.Candidate, registry: Registry, tag: st
     docs = sorted((registry.reports_dir / "validation" / candidate.arrival.key).rglob("index.html"))
     if docs:
         create_link_artifact(key="validation-report", link=docs[0].as_uri(),
-                             link_text=f"Great Expectations report of {candidate.arrival.name}")
+                             link_text=f"Great Expectations report of {pipeline.markdown_text(candidate.arrival.name)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -190,11 +191,14 @@ def test_export_failure_keeps_previous_version_and_next_run_retries(workspace, s
     assert state.is_failed() and "injected" in state.message
     assert snapshot(workspace) == before
     assert [p.name for p in (workspace / "incoming").iterdir()] == [stage_files[1].name]
-    assert not list((workspace / "ws" / ".work").glob("*"))
+    assert [p.name for p in (workspace / "ws" / ".work").glob("*")] == ["attempts.json"]  # no candidate left
+    (attempt,) = json.loads((workspace / "ws" / ".work" / "attempts.json").read_text()).values()
+    assert len(attempt["errors"]) == 1 and "injected" in attempt["errors"][0]
 
     state = run(workspace)
     assert state.is_completed(), state.message
     assert current_version(workspace / "ws" / "models") == "v0002"
+    assert json.loads((workspace / "ws" / ".work" / "attempts.json").read_text()) == {}
 
 
 def test_failed_push_restores_the_last_version(workspace, stage_files):
@@ -269,3 +273,86 @@ def test_run_once_from_the_command_line(workspace):
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Completed" in proc.stdout
+
+
+def flow_logs(state) -> list[str]:
+    """The flow run's log messages as the Prefect server holds them (sent in the background)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.time() + 20
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        messages = [log.message for log in logs]
+        if any("finished in state" in m for m in messages) or time.time() > deadline:
+            return messages
+        time.sleep(0.5)
+
+
+def test_a_batch_that_would_break_training_is_quarantined_and_the_next_batch_is_processed(workspace, stage_files):
+    """float64 values beyond float32 pass a float64 check but become inf in training: one poison
+    file used to stop every later run; now it is quarantined and the batch behind it promoted."""
+    with np.load(stage_files[1]) as npz:
+        arrays = dict(npz)
+    arrays["text"] = arrays["text"].astype(np.float64)
+    arrays["text"][0, 0] = 1e39
+    np.savez(workspace / "huge.npz", **arrays)
+    drop(workspace / "huge.npz", workspace)
+    os.utime(workspace / "incoming" / "huge.npz", ns=(1, 1))  # oldest: processed first
+    drop(stage_files[2], workspace)
+    state = run(workspace)
+    assert state.is_failed() and "huge.npz" in state.message and "finite as float32" in state.message
+    (kept,) = list((workspace / "quarantine").iterdir())
+    assert json.loads((kept / "reason.json").read_text())["kind"] == "rejected"
+    assert current_version(workspace / "ws" / "models") == "v0002"
+    assert not list((workspace / "incoming").iterdir())
+
+
+def test_a_failure_of_the_environment_is_retried_then_the_batch_is_quarantined_as_poison(workspace, stage_files):
+    """A batch whose work folder cannot be written (a file sits where it goes) fails in every
+    run; the other batches go on, and after max_attempts runs it is quarantined with its errors."""
+    key = hashlib.sha256(stage_files[1].read_bytes()).hexdigest()[:16]
+    (workspace / "ws" / ".work").mkdir(exist_ok=True)
+    (workspace / "ws" / ".work" / key).write_text("in the way")
+    drop(stage_files[1], workspace)
+    os.utime(workspace / "incoming" / stage_files[1].name, ns=(1, 1))
+    drop(stage_files[2], workspace)
+    state = run(workspace, **{"pipeline.max_attempts": 2})
+    assert state.is_failed() and "attempt 1 of 2" in state.message, state.message
+    assert current_version(workspace / "ws" / "models") == "v0002"  # the batch behind it
+    assert [p.name for p in (workspace / "incoming").iterdir()] == [stage_files[1].name]
+    assert not (workspace / "quarantine").exists()
+
+    state = run(workspace, **{"pipeline.max_attempts": 2})
+    assert state.is_failed() and "poison: failed 2 runs" in state.message
+    (kept,) = list((workspace / "quarantine").iterdir())
+    reason = json.loads((kept / "reason.json").read_text())
+    assert reason["kind"] == "poison" and len(reason["errors"]) == 2 and (kept / "batch.npz").exists()
+    assert not list((workspace / "incoming").iterdir())
+    assert json.loads((workspace / "ws" / ".work" / "attempts.json").read_text()) == {}
+    assert run(workspace).is_completed()
+
+
+def test_every_skipped_entry_is_logged_for_what_it_is_and_names_are_escaped(workspace, stage_files):
+    incoming = workspace / "incoming"
+    incoming.mkdir(exist_ok=True)
+    (incoming / ".upload.npz").write_bytes(b"partial")
+    (incoming / "folder.npz").mkdir()
+    (incoming / "link.npz").symlink_to(stage_files[1])
+    (incoming / "notes.txt").write_text("hello")
+    nasty = "evil\nname <b>bold `tick` [x](y).npz"
+    drop(stage_files[1], workspace, nasty)
+    state = run(workspace)
+    assert state.is_completed(), state.message
+    logs = flow_logs(state)
+    skipped = {line.split(" skipped: ")[0]: line.split(" skipped: ")[1] for line in logs if " skipped: " in line}
+    assert skipped == {"incoming: .upload.npz": "hidden (partial uploads and editor files are left alone)",
+                       "incoming: folder.npz": "a folder", "incoming: link.npz": "a symbolic link (never followed)",
+                       "incoming: notes.txt": "not a batch file (.npz)"}
+    assert not any("evil\nname" in line for line in logs)
+    summary = artifacts(state)["increment-summary"][-1].data
+    assert "evil\\\\nname &lt;b&gt;bold \\`tick\\` \\[x\\]\\(y\\)\\.npz" in summary
+    assert "<b>" not in summary and "evil\nname" not in summary
+    manifest = json.loads((workspace / "ws" / "manifest.json").read_text())["batches"]
+    assert [e["name"] for e in manifest.values()][-1] == nasty  # recorded as dropped

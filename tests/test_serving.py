@@ -1,13 +1,16 @@
 """Export and the retrieval service, on a real Wikipedia model behind a real uvicorn on loopback."""
 
+import contextlib
 import itertools
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -32,7 +35,7 @@ from lifelong_hashing.onnx_runtime import new_session
 from lifelong_hashing.retrieval import QueryError, RetrievalModel
 from lifelong_hashing.runner import run_sequence
 from lifelong_hashing.state import load_state
-from lifelong_hashing.versions import current_version, list_versions, promote, publish
+from lifelong_hashing.versions import VersionError, current_version, list_versions, promote, publish
 
 from .conftest import ROOT
 
@@ -64,30 +67,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def running_service(wiki, models: Path, name: str, serving: dict | None = None, env: dict | None = None):
+    """``lhash serve`` in its own process on a free loopback port, with ``serving`` overrides;
+    yields (url, process). Its log goes to a file (a full pipe would stall it)."""
+    port = _free_port()
+    params = wiki["params"].model_copy(update={"serving": wiki["params"].serving.model_copy(update=serving or {})})
+    params_file = wiki["root"] / f"params-{name}.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump()))
+    command = [sys.executable, "-m", "lifelong_hashing.cli", "--params", str(params_file), "serve",
+               "--models", str(models), "--port", str(port)]
+    log_path = wiki["root"] / f"serve-{name}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                httpx.get(url + "/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            proc.kill()
+            pytest.fail("service did not start: " + log_path.read_text())
+        try:
+            yield url, proc
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+
+
 @pytest.fixture(scope="module")
 def server(wiki):
-    port = _free_port()
-    params = str(wiki["root"] / "params.yaml")
-    command = [sys.executable, "-m", "lifelong_hashing.cli", "--params", params, "serve",
-               "--models", str(wiki["models"]), "--port", str(port)]
-    log = open(wiki["root"] / "serve.log", "w")  # a file, not a pipe: a full pipe would stall the server
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("service did not start: " + (wiki["root"] / "serve.log").read_text())
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
-    log.close()
+    with running_service(wiki, wiki["models"], "main") as (url, _):
+        assert httpx.get(url + "/health").status_code == 200
+        yield url
 
 
 def test_export_parity_metadata_and_dynamic_batch(wiki):
@@ -162,6 +177,12 @@ def test_version_and_health_tell_the_truth(wiki, server):
     ({"modality": "image"}, 422, "send exactly one of 'features' or 'words'"),
     ({"modality": "text", "words": [["war"]]}, 422, "no text vocabulary"),
     ({"modality": "image", "features": [[0.1] * 128], "radius": 99}, 422, "radius must be within 0..64"),
+    ({"modality": "image", "features": [["0.1"] * 128]}, 422, "Input should be a valid number"),
+    ({"modality": "image", "features": [[True] * 128]}, 422, "Input should be a valid number"),
+    ({"modality": "image", "features": [[0.1] * 128], "k": "5"}, 422, "body.k: Input should be a valid integer"),
+    ({"modality": "image", "features": [[0.1] * 128], "k": 5.0}, 422, "body.k: Input should be a valid integer"),
+    ({"modality": "image", "features": [[0.1] * 128] * 256, "k": 1000, "target": "both"}, 422,
+     "asks for 512,000 hits (queries × k × targets), over the limit of 50,000"),
 ])
 def test_bad_requests_get_a_clear_4xx(server, body, status, words):
     reply = httpx.post(server + "/search", content=json.dumps(body), headers={"content-type": "application/json"})
@@ -175,6 +196,95 @@ def test_malformed_and_oversize_bodies(server):
     big = json.dumps({"modality": "text", "features": [[0.123456789] * 1000] * 250})
     reply = httpx.post(server + "/encode", content=big, headers=json_type)
     assert reply.status_code == 413 and "larger than 2000000 bytes" in reply.json()["detail"]
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_chunked_upload_is_cut_off_at_the_byte_limit(wiki):
+    """No Content-Length: the bytes are counted as they arrive, and 413 comes at the limit, with
+    the server's memory unchanged and /health answering."""
+    with running_service(wiki, wiki["models"], "chunked") as (url, proc):
+        port = int(url.rsplit(":", 1)[1])
+        before = _rss_mb(proc.pid)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall(b"POST /encode HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            chunk = b"[" + b"0.123456789," * 8000
+            sent, reply = 0, b""
+            try:
+                while sent < 100_000_000 and b"\r\n\r\n" not in reply:
+                    conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    sent += len(chunk)
+                    conn.setblocking(False)
+                    with contextlib.suppress(BlockingIOError):
+                        reply += conn.recv(65536)
+                    conn.setblocking(True)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server hung up after answering
+            conn.settimeout(10)
+            with contextlib.suppress(OSError):
+                reply += conn.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+        assert b"larger than 2000000 bytes" in reply and sent < 10_000_000
+        assert _rss_mb(proc.pid) - before < 100
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+
+
+def test_a_broken_current_at_start_up_falls_back_to_the_newest_version_that_loads(wiki, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(wiki["models"] / "versions" / "v0001", models / "versions" / "v0001")
+    shutil.copytree(wiki["models"] / "versions" / "v0001", models / "versions" / "v0002")
+    (models / "versions" / "v0002" / "text.onnx").write_bytes(b"truncated")
+    (models / "CURRENT").write_text("v0002\n")
+    with running_service(wiki, models, "fallback") as (url, _):
+        assert httpx.get(url + "/health").json() == {"status": "ok", "model_version": "v0001"}
+        info = httpx.get(url + "/version").json()
+        assert info["model_version"] == "v0001" and "fell back to v0001" in info["fallback"]
+        assert "refused version v0002" in info["fallback"]
+
+
+def test_api_key_and_trusted_host(wiki):
+    with running_service(wiki, wiki["models"], "key", env={"LHASH_API_KEY": "s3cret"}) as (url, _):
+        assert httpx.get(url + "/health").status_code == 200  # probes need no key
+        for path in ("/version", "/openapi.json", "/docs"):
+            reply = httpx.get(url + path)
+            assert reply.status_code == 401 and "X-API-Key" in reply.json()["detail"]
+            assert httpx.get(url + path, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert httpx.get(url + "/version", headers={"X-API-Key": "s3cret"}).status_code == 200
+        body = {"modality": "image", "features": wiki["data"].queries.image[:1].tolist()}
+        assert httpx.post(url + "/search", json=body).status_code == 401
+        assert httpx.post(url + "/search", json=body, headers={"X-API-Key": "s3cret"}).status_code == 200
+        rebound = httpx.get(url + "/health", headers={"Host": "attacker.example"})  # DNS rebinding
+        assert rebound.status_code == 400
+
+
+def test_idle_connections_are_closed_and_cannot_exhaust_the_server(wiki):
+    """Connections that never send a request are closed after the header timeout, those beyond
+    max_connections at once: the server's descriptors stay bounded and /health comes back."""
+    serving = {"max_connections": 50, "header_timeout_seconds": 1.0}
+    with running_service(wiki, wiki["models"], "idle", serving) as (url, proc):
+        port = int(url.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(300)]
+        try:
+            time.sleep(0.5)
+            assert len(os.listdir(f"/proc/{proc.pid}/fd")) < 50 + 60
+            deadline, status = time.time() + 20, None
+            while time.time() < deadline and status != 200:
+                with contextlib.suppress(httpx.HTTPError):
+                    status = httpx.get(url + "/health", timeout=2).status_code
+                time.sleep(0.2)
+            assert status == 200
+            for conn in idle[:5]:
+                conn.settimeout(5)
+                assert conn.recv(1) == b""  # closed by the server
+        finally:
+            for conn in idle:
+                conn.close()
 
 
 def test_hot_swap_keeps_serving_and_refuses_a_broken_version(wiki, server):
@@ -196,14 +306,32 @@ def test_hot_swap_keeps_serving_and_refuses_a_broken_version(wiki, server):
     worker.join()
     assert statuses and set(statuses) == {200}
 
-    broken = models / "versions" / "v0099"
-    shutil.copytree(second, broken)
+    broken = publish(wiki["state"], models, ExportConfig(int8_min_agreement=None))
+    good_bytes = (broken / "image.onnx").read_bytes()
     (broken / "image.onnx").write_bytes(b"not an onnx model")
-    promote(models, "v0099")
+    with pytest.raises(VersionError, match=f"refusing to promote {broken.name}"):
+        promote(models, broken.name)  # promotion loads and test-encodes first
+    assert current_version(models) == second.name
+
+    (models / "CURRENT").write_text(broken.name + "\n")  # as if written by hand, or by an older release
     time.sleep(1.5)
     info = httpx.get(server + "/version").json()
-    assert info["model_version"] == second.name and "refused version v0099" in info["last_error"]
+    assert info["model_version"] == second.name and f"refused version {broken.name}" in info["last_error"]
     assert httpx.post(server + "/search", json=body).status_code == 200
+    (broken / "image.onnx").write_bytes(good_bytes)  # repaired: its files changed, so it is tried again
+    _wait_for_version(server, broken.name)
+
+    (models / "CURRENT").write_text("../../elsewhere\n")  # a name, never a path
+    time.sleep(1.5)
+    info = httpx.get(server + "/version").json()
+    assert info["model_version"] == broken.name and "not a version under" in info["last_error"]
+    with pytest.raises(VersionError, match="not a version"):
+        current_version(models)
+    misnamed = models / "versions" / "v0099"
+    shutil.copytree(second, misnamed)  # a copied folder: its manifest names another version
+    with pytest.raises(VersionError, match="names version v0002"):
+        promote(models, "v0099")
+    shutil.rmtree(misnamed)
     promote(models, "v0001")  # rollback
     _wait_for_version(server, "v0001")
 
@@ -263,6 +391,7 @@ def test_word_queries_use_the_training_vocabulary(tmp_path):
     text = counts * idf
     text /= np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-6)
     image = (np.eye(4)[labels] @ rng.normal(size=(4, 16)) + 0.3 * rng.normal(size=(n, 16))).astype(np.float32)
+    idf[29] = 0.0  # a word in every text: it carries no weight at query time
     np.savez(tmp_path / "tags.npz", image=image, text=text.astype(np.float32), label=labels, vocab=np.array(words),
              idf=idf)
     params = load_params(ROOT / "params.yaml", {
@@ -284,5 +413,7 @@ def test_word_queries_use_the_training_vocabulary(tmp_path):
     assert len(hits) == 5 and model.info()["text_vocabulary"] is True
     with pytest.raises(QueryError, match="none of the words"):
         model.features("text", words=[["nothing", "known"]])
+    with pytest.raises(QueryError, match="query 1: the words \\['w29'\\] carry no weight"):
+        model.features("text", words=[["w5"], ["w29"]])
     with pytest.raises(QueryError, match="text modality only"):
         model.features("image", words=[["w1"]])

@@ -2,6 +2,7 @@
 the base stage judges the next stage's batch, clean and with one defect at a time."""
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import yaml
 
 from lifelong_hashing import runner
-from lifelong_hashing.batch import save_batch
+from lifelong_hashing.batch import BatchError, load_batch, save_batch
 from lifelong_hashing.cli import main
 from lifelong_hashing.config import load_params
 from lifelong_hashing.state import new_state, save_state
@@ -137,3 +138,94 @@ def test_cli_validate_prints_what_failed_and_exits_non_zero(wikipedia, tmp_path,
     good = save_batch(wikipedia["next"], tmp_path / "good.npz")
     assert main([*args, str(good), "--out", str(tmp_path / "good-report")]) == 0
     assert "ACCEPTED" in capsys.readouterr().out
+
+
+def _npz_declaring(path: Path, arrays: dict, name: str, shape: tuple[int, ...]) -> Path:
+    """An npz whose member ``name`` declares ``shape`` but holds only a few bytes: what a hostile
+    sender can make in a small file."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for key, value in arrays.items():
+            with archive.open(f"{key}.npy", "w") as fh:
+                if key == name:
+                    np.lib.format.write_array_header_2_0(fh, {"descr": "<f4", "fortran_order": False, "shape": shape})
+                    fh.write(b"\0" * 64)
+                else:
+                    np.lib.format.write_array(fh, np.asarray(value), allow_pickle=False)
+    return path
+
+
+def test_a_small_file_declaring_a_huge_array_is_refused_from_its_header(wikipedia, tmp_path):
+    """10^12 floats declared: reading them would raise MemoryError (or swap); the header is enough."""
+    path = _npz_declaring(tmp_path / "bomb.npz", _arrays(wikipedia["next"]), "image", (10**6, 10**6))
+    assert path.stat().st_size < 2_000_000
+    result = validate_batch(path, BatchExpectations.from_state(wikipedia["state"]), wikipedia["params"].validation,
+                            tmp_path / "report")
+    failure = _only_failure(result, "image")
+    assert "shape (1000000, 1000000) of float32" in failure.description and "bytes uncompressed" in failure.description
+    with pytest.raises(BatchError, match="over the limit"):
+        load_batch(path, max_rows=10**6, max_bytes=wikipedia["params"].validation.max_bytes)
+
+
+def test_rows_and_bytes_are_refused_before_decompressing(wikipedia, tmp_path):
+    a = _arrays(wikipedia["next"])
+    n = 250_000
+    big = {"ids": np.array([f"x{i}" for i in range(n)]), "image": np.zeros((n, 128), np.float32),
+           "text": np.zeros((n, 8), np.float32), "labels": np.ones((n, 1), np.uint8),
+           "categories": a["categories"][:1]}
+    path = tmp_path / "rows.npz"
+    np.savez_compressed(path, **big)
+    limited = wikipedia["params"].validation.model_copy(update={"max_rows": 1000})
+    result = validate_batch(path, BatchExpectations.from_state(wikipedia["state"]), limited, tmp_path / "r1")
+    assert not result.accepted and "declares 250,000 rows, over the limit of 1,000" in result.reason
+    small_bytes = wikipedia["params"].validation.model_copy(update={"max_bytes": 10_000_000})
+    result = validate_batch(path, BatchExpectations.from_state(wikipedia["state"]), small_bytes, tmp_path / "r2")
+    assert not result.accepted and "bytes uncompressed, over the limit of 10,000,000" in result.reason
+
+
+def test_object_arrays_are_refused_without_unpickling(wikipedia, tmp_path):
+    a = _arrays(wikipedia["next"])
+    a["ids"] = a["ids"].astype(object)
+    path = tmp_path / "pickled.npz"
+    np.savez(path, **a)
+    failure = _only_failure(validate_batch(path, BatchExpectations.from_state(wikipedia["state"]),
+                                           wikipedia["params"].validation, tmp_path / "report"), "ids")
+    assert "pickles are never loaded" in failure.description
+
+
+def test_values_beyond_float32_are_non_finite_as_training_reads_them(wikipedia, tmp_path):
+    """float64 1e39 is finite, but training's float32 cast makes it inf: validation must see the same."""
+    a = _arrays(wikipedia["next"])
+    a["text"] = a["text"].astype(np.float64)
+    a["text"][11, 0] = 1e39
+    failure = _only_failure(_validate(wikipedia, tmp_path, a), "text_nonfinite")
+    assert failure.rows == 1 and failure.examples == [f"{a['ids'][11]}: 1"]
+
+
+def test_declarations_must_agree_with_the_columns(wikipedia, tmp_path):
+    a = _arrays(wikipedia["next"])
+    a["new_categories"] = np.append(a["new_categories"], "opera")  # declared, but no such column
+    failure = _only_failure(_validate(wikipedia, tmp_path, a), "new_categories")
+    assert "not among the batch's categories: ['opera']" in failure.description
+
+
+
+def test_a_column_no_item_carries_is_dropped_as_training_drops_it(wikipedia, tmp_path):
+    """A sender's wider taxonomy: an undeclared, unknown column that no item uses is not a defect."""
+    a = _arrays(wikipedia["next"])
+    a["categories"] = np.append(a["categories"], "poetry")
+    a["labels"] = np.concatenate([a["labels"], np.zeros((len(a["ids"]), 1), np.uint8)], axis=1)
+    result = _validate(wikipedia, tmp_path, a)
+    assert result.accepted, result.summary()
+    batch = load_batch(tmp_path / "incoming.npz").for_model(wikipedia["state"].method.categories)
+    assert "poetry" not in batch.categories
+    assert batch.categories == (*wikipedia["state"].method.categories, "literature", "media")
+
+
+def test_whatever_validation_accepts_loads_for_training(wikipedia, tmp_path):
+    """The cases above all load for training only if validation accepted them: one definition."""
+    a = _arrays(wikipedia["next"])
+    a["image"] = a["image"].astype(np.float64)  # another dtype, same values: both accept
+    result = _validate(wikipedia, tmp_path, a)
+    assert result.accepted, result.summary()
+    batch = load_batch(tmp_path / "incoming.npz")
+    assert batch.image.dtype == np.float32 and len(batch) == result.rows

@@ -10,6 +10,7 @@ field and what is wrong.
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -66,6 +67,18 @@ class Batch:
         return Batch(self.ids, self.image, self.text, labels, categories, source=self.source,
                      new_categories=self.new_categories)
 
+    def for_model(self, known: tuple[str, ...] | list[str]) -> Batch:
+        """The batch over a model's vocabulary: ``known`` then the names this batch declares new.
+        A column that is neither and that no item carries (a sender's wider taxonomy) is dropped;
+        one that items carry raises. Validation and training both call this: one definition."""
+        known = tuple(known)
+        vocabulary = known + tuple(c for c in self.new_categories if c not in known)
+        used = self.labels.any(axis=0)
+        keep = [j for j, c in enumerate(self.categories) if c in vocabulary or used[j]]
+        kept = Batch(self.ids, self.image, self.text, self.labels[:, keep], tuple(self.categories[j] for j in keep),
+                     source=self.source, new_categories=self.new_categories)
+        return kept.with_categories(vocabulary)
+
     @staticmethod
     def concat(batches: list[Batch]) -> Batch:
         """Stack batches over the union vocabulary (first-seen order)."""
@@ -90,8 +103,9 @@ def make_batch(ids, image, text, labels, categories, source: str = "<memory>", n
     """Build a batch from array-likes, casting to the canonical dtypes before validation."""
     try:
         ids_arr = np.asarray(ids).astype(str)
-        image_arr = np.asarray(image, dtype=np.float32)
-        text_arr = np.asarray(text, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, which _validate names
+            image_arr = np.asarray(image, dtype=np.float32)
+            text_arr = np.asarray(text, dtype=np.float32)
         labels_raw = np.asarray(labels)
     except (TypeError, ValueError) as err:
         raise BatchError(source, "arrays", f"cannot convert to arrays: {err}") from err
@@ -162,10 +176,56 @@ def save_batch(batch: Batch, path: str | os.PathLike) -> Path:
                             "new_categories": np.asarray(batch.new_categories, dtype=str)}, compress=True)
 
 
-def read_npz(path: str | os.PathLike, keys: list[str], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """The named arrays of an npz file (and those of ``optional`` that it has); a missing,
-    unreadable or incomplete file raises ``BatchError`` naming the file and what is wrong."""
+def npz_headers(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each array's declared shape and dtype, read from the npy headers inside the zip: nothing is
+    decompressed beyond a header, so a small file declaring a huge array costs nothing to refuse."""
     src = str(path)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    headers = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                name = info.filename.removesuffix(".npy")
+                with archive.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    if version not in readers:
+                        raise BatchError(src, name, f"npy format version {version} is not supported")
+                    shape, _, dtype = readers[version](fh)
+                headers[name] = (tuple(int(d) for d in shape), dtype)
+    except BatchError:
+        raise
+    except FileNotFoundError as err:
+        raise BatchError(src, "file", "does not exist") from err
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise BatchError(src, "file", f"corrupt or truncated npz: {err}") from err
+    return headers
+
+
+def check_declared_size(path: str | os.PathLike, max_rows: int | None, max_bytes: int | None) -> None:
+    """Refuse, by the headers alone, a file whose arrays declare more rows or bytes than allowed."""
+    src, sizes = str(path), {}
+    headers = npz_headers(path)
+    for name, (shape, dtype) in headers.items():
+        if dtype.hasobject:
+            raise BatchError(src, name, f"dtype {dtype} holds Python objects (pickles are never loaded)")
+        if max_rows is not None and name in FIELDS and shape and shape[0] > max_rows:
+            raise BatchError(src, name, f"declares {shape[0]:,} rows, over the limit of {max_rows:,}")
+        sizes[name] = math.prod(shape) * dtype.itemsize
+    if max_bytes is not None and sum(sizes.values()) > max_bytes:
+        largest = max(sizes, key=sizes.get)
+        shape, dtype = headers[largest]
+        raise BatchError(src, largest, f"declares shape {shape} of {dtype}: the arrays hold "
+                                       f"{sum(sizes.values()):,} bytes uncompressed, over the limit of {max_bytes:,}")
+
+
+def read_npz(path: str | os.PathLike, keys: list[str], optional: tuple[str, ...] = (),
+             max_rows: int | None = None, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """The named arrays of an npz file (and those of ``optional`` that it has); a missing,
+    unreadable or incomplete file, or one over the size limits, raises ``BatchError`` naming the
+    file and what is wrong. The limits are checked on the headers, before anything is decompressed."""
+    src = str(path)
+    if max_rows is not None or max_bytes is not None:
+        check_declared_size(path, max_rows, max_bytes)
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in keys if k not in data.files]
@@ -176,13 +236,20 @@ def read_npz(path: str | os.PathLike, keys: list[str], optional: tuple[str, ...]
         raise
     except FileNotFoundError as err:
         raise BatchError(src, "file", "does not exist") from err
+    except MemoryError as err:
+        raise BatchError(src, "file", "its arrays do not fit in memory (set validation.max_bytes)") from err
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise BatchError(src, "file", f"corrupt or truncated npz: {err}") from err
 
 
-def load_batch(path: str | os.PathLike) -> Batch:
-    """Read and validate a batch file; any defect raises ``BatchError`` naming the file."""
-    arrays = read_npz(path, list(FIELDS), OPTIONAL_FIELDS)
+def batch_from_arrays(arrays: dict[str, np.ndarray], source: str) -> Batch:
+    """The batch a file's arrays make: the one conversion (and so the one set of checks) that
+    training and validation both apply."""
     return make_batch(arrays["ids"], arrays["image"], arrays["text"], arrays["labels"],
-                      arrays["categories"].tolist(), source=str(path),
+                      arrays["categories"].tolist(), source=source,
                       new_categories=arrays.get("new_categories", np.empty(0, str)).tolist())
+
+
+def load_batch(path: str | os.PathLike, max_rows: int | None = None, max_bytes: int | None = None) -> Batch:
+    """Read and validate a batch file; any defect raises ``BatchError`` naming the file."""
+    return batch_from_arrays(read_npz(path, list(FIELDS), OPTIONAL_FIELDS, max_rows, max_bytes), str(path))

@@ -171,13 +171,10 @@ def _production_command(args, params) -> int:
         versions.promote(models, args.version)
         print(f"serving {args.version} from {models}")
     elif args.command == "serve":
-        import uvicorn
-
-        from .service import create_app
+        from .service import create_app, run_server
 
         cfg = params.serving
-        uvicorn.run(create_app(models, cfg), host=args.host or cfg.host, port=args.port or cfg.port,
-                    log_level="info")
+        run_server(create_app(models, cfg), cfg, args.host or cfg.host, args.port or cfg.port)
     else:
         _search(args, params)
     return 0
@@ -218,8 +215,7 @@ def _search(args, params) -> None:
             model = RetrievalModel(current_dir(args.models))
             x = model.features(args.modality, features, words)
             other = "text" if args.modality == "image" else "image"
-            results = [{t: [vars(h) for h in hits] for t, hits in r.items()}
-                       for r in model.search(args.modality, x, args.k, args.radius, (other,))]
+            results = model.search(args.modality, x, args.k, args.radius, (other,))
     for q, result in enumerate(results):
         for side, hits in result.items():
             print(f"query {q} → {side}:")
@@ -235,7 +231,7 @@ def _search_state(state, args, features) -> list[dict]:
     x = np.atleast_2d(np.asarray(features, np.float32))
     other = "text" if args.modality == "image" else "image"
     hits = search_hits(state.store, state.method.encode(args.modality, x), other, args.k, args.radius)
-    return [{other: [vars(h) for h in row]} for row in hits]
+    return [{other: row} for row in hits]
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ class CodeStore:
     stage: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
     labels: np.ndarray | None = None
     codes: dict[str, np.ndarray] = field(default_factory=dict)
-    _indexes: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # search indexes, label sets
 
     def __post_init__(self):
         if self.bits <= 0 or self.bits % 8:
@@ -116,7 +116,7 @@ class CodeStore:
         self.stage = np.concatenate([self.stage, np.full(len(ids), stage, np.int32)])
         for m in MODALITIES:
             self.codes[m] = np.concatenate([self.codes[m], codes[m]])
-        self._indexes.clear()
+        self._derived.clear()
 
     def rows_of(self, ids) -> np.ndarray:
         """Row of each id; an id not in the store is an error."""
@@ -135,17 +135,26 @@ class CodeStore:
         rows = self.rows_of(ids)
         for m, packed in codes.items():
             self.codes[m][rows] = packed
-        self._indexes.clear()
+        self._derived.clear()
 
     def _index(self, modality: str):
         import faiss
 
-        if modality not in self._indexes:
+        if modality not in self._derived:
             index = faiss.IndexBinaryFlat(self.bits)
             index.use_heap = False
             index.add(_faiss_bytes(self.codes[modality], self.bits))
-            self._indexes[modality] = index
-        return self._indexes[modality]
+            self._derived[modality] = index
+        return self._derived[modality]
+
+    def label_sets(self) -> tuple[list[list[str]], np.ndarray]:
+        """The distinct label sets as lists of names, and each item's set: hits share these lists
+        instead of building names per hit."""
+        if "label_sets" not in self._derived:
+            sets, inverse = np.unique(self.labels, axis=0, return_inverse=True)
+            self._derived["label_sets"] = ([[self.categories[c] for c in np.flatnonzero(row)] for row in sets],
+                                           inverse.reshape(-1))
+        return self._derived["label_sets"]
 
     def search(self, query_codes: np.ndarray, modality: str, k: int,
                radius: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -149,11 +149,21 @@ class ExportConfig(_Strict):
 
 
 class ServingConfig(_Strict):
-    host: str = "127.0.0.1"
+    """The retrieval service (``lhash serve``) and what one client may take of it."""
+
+    host: str = "127.0.0.1"  # loopback: put a proxy in front to serve others (README, Reliability)
     port: int = Field(8000, gt=0, lt=65536)
     max_k: int = Field(1000, gt=0)
     max_queries: int = Field(256, gt=0)
-    max_body_bytes: int = Field(8 << 20, gt=0)
+    max_hits: int = Field(50_000, gt=0)  # queries × k × targets of one request
+    max_body_bytes: int = Field(8 << 20, gt=0)  # counted as the bytes arrive, chunked or not
+    search_threads: int = Field(2, gt=0)  # encode/search requests worked on at once; the rest wait
+    max_connections: int = Field(256, gt=0)  # more are closed on accept; requests past it get 503
+    header_timeout_seconds: float = Field(10.0, gt=0)  # a connection must send its headers by then
+    keep_alive_seconds: int = Field(5, gt=0)  # idle keep-alive connections are closed after this
+    backlog: int = Field(512, gt=0)
+    allowed_hosts: list[str] = ["127.0.0.1", "localhost", "::1"]  # Host header check; ["*"]: any
+    api_key_env: str = "LHASH_API_KEY"  # when this variable is set, every path but /health needs it
     poll_seconds: float = Field(1.0, gt=0)
 
 
@@ -163,7 +173,8 @@ class ValidationConfig(_Strict):
     range_tolerance: float = Field(1.0, ge=0)  # allowed overshoot beyond a feature's seen range, × range
     max_out_of_range_share: float = Field(0.05, ge=0, le=1)  # of one item's feature dimensions
     min_rows: int = Field(1, gt=0)
-    max_rows: int = Field(1_000_000, gt=0)
+    max_rows: int = Field(1_000_000, gt=0)  # refused from the file's headers, before decompressing
+    max_bytes: int = Field(2_000_000_000, gt=0)  # the arrays' declared uncompressed size, likewise
     max_labels_per_item: int | None = Field(None, gt=0)  # null: the most any reference item has
     reports_dir: str = "reports/validation"
 
@@ -204,6 +215,7 @@ class PipelineConfig(_Strict):
     block_on_alerts: bool = True  # a monitoring alert (forgetting, mAP drop) stops promotion
     lock_timeout_seconds: float = Field(600.0, ge=0)  # how long a run waits for another to finish
     push_retries: int = Field(3, ge=0)
+    max_attempts: int = Field(3, gt=0)  # runs a batch may fail for reasons not its own before it is poison
     schedule: ScheduleConfig = ScheduleConfig()
 
 

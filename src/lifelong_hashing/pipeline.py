@@ -9,14 +9,23 @@ anywhere earlier leaves the served model as it was and the batch in the incoming
 next run. A rejected batch (validation, or a monitoring alert when ``block_on_alerts``) moves to
 the quarantine folder with its report.
 
+Failures are of two kinds. A defect of the batch itself (``BatchError``: it does not load, or
+validation refused it) quarantines it at once, with the reason. Anything else (a full disk, an
+unreachable remote, a crash in a tool) may pass: the batch stays in the incoming folder and the
+next run tries it again; after ``pipeline.max_attempts`` failed runs it is quarantined as poison
+with every error. Either way the run goes on with the other batches.
+
 Incoming file names are recorded, never used to build a path: the batch is known by its content
-hash, and only regular ``.npz`` files directly inside the incoming folder are read.
+hash, and only regular ``.npz`` files directly inside the incoming folder are read. Names are
+shown with ``printable`` (logs) and ``markdown_text`` (Prefect artifacts), never raw.
 """
 
 from __future__ import annotations
 
 import hashlib
+import html
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,9 +33,10 @@ from pathlib import Path
 
 import yaml
 
-from .batch import Batch, load_batch
+from .batch import Batch, BatchError, load_batch
 from .config import Params
 from .datasets import load_dataset
+from .files import write_json
 from .registry import Registry
 from .runner import DIRECTIONS, append_known, history_summary, learn_stage, write_plots
 from .stages import Stage
@@ -58,7 +68,17 @@ class Arrival:
 class Scan:
     pending: list[Arrival]  # new content, oldest first
     duplicates: list[tuple[Arrival, dict]]  # content already processed, with its manifest entry
-    ignored: list[str]  # names that are not batch files (directories, links, other suffixes)
+    skipped: list[tuple[str, str]]  # (name, why) of every other entry: hidden, links, folders, others
+
+
+def printable(name: str) -> str:
+    """A file name fit for a log line: control and other unprintable characters escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in name)
+
+
+def markdown_text(text: str) -> str:
+    """Text that renders as itself in markdown: escaped markup and HTML, no line breaks."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~>])", r"\\\1", html.escape(printable(text), quote=False))
 
 
 @dataclass
@@ -107,13 +127,16 @@ def read_metrics(registry: Registry) -> dict:
 def reconcile_serving(registry: Registry) -> str | None:
     """Serve the version the workspace's last commit records, if serving points elsewhere (a run
     that stopped between recording and promoting). Returns the version promoted, if any."""
-    from .versions import current_version, promote
+    from .versions import VersionError, current_version, promote
 
     if not registry.metrics_path.exists():
         return None
     recorded = read_metrics(registry)["version"]
-    if current_version(registry.models_dir) == recorded:
-        return None
+    try:
+        if current_version(registry.models_dir) == recorded:
+            return None
+    except VersionError:
+        pass  # a pointer that names no version: repaired below
     promote(registry.models_dir, recorded)
     return recorded
 
@@ -124,12 +147,11 @@ def scan_incoming(incoming: str | Path, manifest: dict) -> Scan:
     incoming = Path(incoming)
     incoming.mkdir(parents=True, exist_ok=True)
     done = manifest.get(MANIFEST_KEY, {})
-    found, ignored = [], []
+    found, skipped = [], []
     for entry in incoming.iterdir():
-        if entry.name.startswith("."):
-            continue  # partial uploads and editor files
-        if entry.is_symlink() or not entry.is_file() or entry.suffix != ".npz":
-            ignored.append(entry.name)
+        why = _not_a_batch(entry)
+        if why:
+            skipped.append((entry.name, why))
             continue
         stat = entry.stat()
         found.append((stat.st_mtime_ns, entry.name, Arrival(entry, entry.name, sha256_of(entry), stat.st_size)))
@@ -142,7 +164,22 @@ def scan_incoming(incoming: str | Path, manifest: dict) -> Scan:
         else:
             seen.add(arrival.sha256)
             pending.append(arrival)
-    return Scan(pending, duplicates, sorted(ignored))
+    return Scan(pending, duplicates, sorted(skipped))
+
+
+def _not_a_batch(entry: Path) -> str | None:
+    """Why an entry of the incoming folder is not read as a batch, or None if it is one."""
+    if entry.name.startswith("."):
+        return "hidden (partial uploads and editor files are left alone)"
+    if entry.is_symlink():
+        return "a symbolic link (never followed)"
+    if entry.is_dir():
+        return "a folder"
+    if not entry.is_file():
+        return "not a regular file"
+    if entry.suffix != ".npz":
+        return "not a batch file (.npz)"
+    return None
 
 
 def current_state(registry: Registry) -> RunState | None:
@@ -163,17 +200,45 @@ def validate(registry: Registry, arrival: Arrival, params: Params) -> Validation
     return validate_batch(arrival.path, expected, params.validation, out)
 
 
-def quarantine(arrival: Arrival, quarantine_dir: str | Path, reason: str, reports: list[Path]) -> Path:
-    """Move a batch aside with its reports and the reason; nothing is lost or overwritten."""
+def quarantine(arrival: Arrival, quarantine_dir: str | Path, reason: str, reports: list[Path],
+               kind: str = "rejected", errors: list[str] | None = None) -> Path:
+    """Move a batch aside with its reports and the reason; nothing is lost or overwritten.
+    ``kind``: rejected (validation, alerts), defect (it does not load) or poison (it kept failing)."""
     dest = Path(quarantine_dir) / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{arrival.key}"
     dest.mkdir(parents=True, exist_ok=False)
     for report in reports:
-        if report.exists():
+        if report.is_dir():
             shutil.copytree(report, dest / report.name)
-    (dest / "reason.json").write_text(json.dumps(
-        {"file": arrival.name, "sha256": arrival.sha256, "size": arrival.size, "reason": reason}, indent=2) + "\n")
+    write_json(dest / "reason.json", {"file": arrival.name, "sha256": arrival.sha256, "size": arrival.size,
+                                      "kind": kind, "reason": reason, "errors": errors or []})
     shutil.move(arrival.path, dest / "batch.npz")
     return dest
+
+
+def is_batch_defect(error: BaseException) -> bool:
+    """A failure that the same bytes will always give (quarantine now), as opposed to one of the
+    environment, which the next run may not meet."""
+    return isinstance(error, BatchError)
+
+
+def count_failure(registry: Registry, arrival: Arrival, error: BaseException) -> list[str]:
+    """Add a failed attempt at ``arrival`` to the workspace's ledger; returns every error so far."""
+    ledger = _read_attempts(registry)
+    errors = ledger.setdefault(arrival.sha256, {"name": arrival.name, "errors": []})["errors"]
+    errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {type(error).__name__}: {error}")
+    write_json(registry.attempts_path, ledger)
+    return errors
+
+
+def forget_attempts(registry: Registry, arrival: Arrival) -> None:
+    ledger = _read_attempts(registry)
+    if ledger.pop(arrival.sha256, None) is not None:
+        write_json(registry.attempts_path, ledger)
+
+
+def _read_attempts(registry: Registry) -> dict:
+    path = registry.attempts_path
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _average_map(record: dict) -> dict:
@@ -185,15 +250,15 @@ def train(registry: Registry, arrival: Arrival, validation: ValidationResult, pa
     a batch of known categories is encoded and appended, with no training. Either way the new
     state is evaluated on the held-out queries and saved into the work folder."""
     state = current_state(registry)
-    batch = load_batch(arrival.path)
+    batch = load_batch(arrival.path, params.validation.max_rows, params.validation.max_bytes)  # as validated
     if state is None:
         state = new_state(params, batch.image.shape[1:], batch.text.shape[1])
     before = _average_map(state.history[-1]) if state.history else None
     queries = evaluation_queries(params)
     start = time.perf_counter()
+    batch = batch.for_model(state.method.categories)  # as validation built it
     if validation.new_categories:
-        categories = tuple(state.method.categories) + tuple(validation.new_categories)
-        stage = Stage(state.stage + 1, tuple(validation.new_categories), categories, batch.with_categories(categories))
+        stage = Stage(state.stage + 1, tuple(validation.new_categories), batch.categories, batch)
         record = learn_stage(state, stage, queries)
         kind = "increment"
     else:
@@ -265,7 +330,7 @@ def record(candidate: Candidate, registry: Registry, params: Params) -> str:
             "new_categories": candidate.new_categories,
             "processed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         registry.manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-        message = (f"{version.name}: {candidate.kind} of {candidate.arrival.name} ({candidate.items} items"
+        message = (f"{version.name}: {candidate.kind} of {printable(candidate.arrival.name)} ({candidate.items} items"
                    + (f", new categories {', '.join(candidate.new_categories)}" if candidate.new_categories else "")
                    + ")")
         tag = registry.record(number, message, params.pipeline.push_retries)

@@ -10,7 +10,8 @@ tagged ``model-vN``.
       plots/          mAP per task across stages (git; ``dvc plots show``)
       state/ models/versions/ batches/ reports/    DVC outputs, pushed to the remote
       models/CURRENT  the served version (not versioned: promotion and rollback move it)
-      .work/ .lock    candidates being built, and the lock one run holds (ignored)
+      .work/ .lock    candidates being built, the ledger of failed attempts per batch
+                      (``.work/attempts.json``) and the lock one run holds (ignored)
 
 A version is recorded only after every step succeeded; until then the candidate lives in
 ``.work/``, and ``restore`` puts the last committed version back if recording fails halfway.
@@ -126,6 +127,11 @@ class Registry:
         return self.root / ".work"
 
     @property
+    def attempts_path(self) -> Path:
+        """Failed attempts per batch content hash: kept across runs, and by ``restore``."""
+        return self.work_dir / "attempts.json"
+
+    @property
     def manifest_path(self) -> Path:
         return self.root / "manifest.json"
 
@@ -219,7 +225,9 @@ class Registry:
         self.git("clean", "-fdq")
         if (self.root / "dvc.lock").exists():
             self.dvc("checkout", "--force", "-q")
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+        for left in self.work_dir.glob("*"):
+            if left != self.attempts_path:
+                shutil.rmtree(left, ignore_errors=True)
 
     def rollback(self, tag: str) -> str:
         """Make ``tag``'s version the current one, as a new commit (history is kept), and serve it.

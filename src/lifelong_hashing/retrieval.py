@@ -7,7 +7,6 @@ bits, and the database is searched by Hamming distance in the code store.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +21,6 @@ class QueryError(ValueError):
 
 class ModelLoadError(RuntimeError):
     pass
-
-
-@dataclass
-class Hit:
-    id: str
-    distance: int
-    stage: int
-    labels: list[str]
 
 
 class TextVocabulary:
@@ -49,6 +40,11 @@ class TextVocabulary:
             np.add.at(out[row], known, 1.0)
         if self.idf is not None:
             out *= self.idf
+        weightless = np.flatnonzero(~out.any(axis=1))
+        if weightless.size:
+            row = int(weightless[0])
+            raise QueryError(f"query {row}: the words {queries[row][:10]} carry no weight (idf 0: they occur in "
+                             "every training text), so the query has no direction to search in")
         if self.l2_normalize:
             out /= np.linalg.norm(out, axis=1, keepdims=True)
         return out
@@ -70,6 +66,9 @@ class RetrievalModel:
             raise ModelLoadError(f"{self.path}: cannot load model version: {type(err).__name__}: {err}") from err
         if self.manifest.get("bits") != self.store.bits or tuple(self.manifest["categories"]) != self.store.categories:
             raise ModelLoadError(f"{self.path}: manifest and code store disagree (bits or categories)")
+        if self.manifest.get("version") != self.path.name:
+            raise ModelLoadError(f"{self.path}: its manifest names version {self.manifest.get('version')} "
+                                 "(a copied folder?)")
         vocab = self.manifest.get("text_vocabulary")
         self.vocabulary = TextVocabulary(**vocab) if vocab else None
         self.self_check()
@@ -134,22 +133,31 @@ class RetrievalModel:
         return words_from_bytes(self.sessions[modality].run(["bits"], {"features": x})[0])
 
     def search(self, modality: str, x: np.ndarray, k: int, radius: int | None,
-               targets: tuple[str, ...]) -> list[dict[str, list[Hit]]]:
+               targets: tuple[str, ...]) -> list[dict[str, list[dict]]]:
         """Top-k database items per query, for each target side ("image" / "text" codes)."""
         if radius is not None and not 0 <= radius <= self.bits:
             raise QueryError(f"radius must be within 0..{self.bits}, got {radius}")
         codes = self.encode(modality, x)
-        results: list[dict[str, list[Hit]]] = [{} for _ in range(len(x))]
+        results: list[dict[str, list[dict]]] = [{} for _ in range(len(x))]
         for target in targets:
             for q, hits in enumerate(search_hits(self.store, codes, target, k, radius)):
                 results[q][target] = hits
         return results
 
 
-def search_hits(store: CodeStore, codes: np.ndarray, target: str, k: int, radius: int | None) -> list[list[Hit]]:
-    """Code store top-k as hits (id, distance, stage, label names), one list per query."""
+def search_hits(store: CodeStore, codes: np.ndarray, target: str, k: int, radius: int | None) -> list[list[dict]]:
+    """Code store top-k as hits {id, distance, stage, labels}, one list per query. Columns are
+    gathered with numpy; an item's label names come from one list per distinct label set."""
     idx, dist = store.search(codes, target, k, radius)
-    return [[Hit(str(store.ids[i]), int(d), int(store.stage[i]),
-                 [store.categories[c] for c in np.flatnonzero(store.labels[i])])
-             for i, d in zip(row_idx, row_dist, strict=True) if i >= 0]
-            for row_idx, row_dist in zip(idx, dist, strict=True)]
+    names, label_set = store.label_sets()
+    found = idx >= 0
+    rows = idx[found]
+    ids, stages = store.ids[rows].tolist(), store.stage[rows].tolist()
+    labels = [names[s] for s in label_set[rows].tolist()]
+    out, start = [], 0
+    for count, distances in zip(found.sum(axis=1).tolist(), dist.tolist(), strict=True):
+        out.append([{"id": ids[j], "distance": distances[j - start], "stage": stages[j], "labels": labels[j]}
+                    for j in range(start, start + count)])
+        start += count
+    return out
+

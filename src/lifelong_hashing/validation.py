@@ -1,13 +1,15 @@
 """Is an incoming batch fit to train on? A Great Expectations suite over one summary row per
 item, built from the current model and its reference data.
 
-The batch file is read raw, not through ``load_batch``, so that every defect (NaN, a wrong
-dimension, non-binary labels, ...) is counted per item and reported together instead of stopping
-at the first. High-dimensional features are summarized per item (shape, non-finite count, share
-of dimensions outside the range seen in training), which keeps the suite small and its report
-readable at 1,000+ dimensions. The answer is a ``ValidationResult``: accepted or rejected, with
-every failed expectation, how many items it hit and example ids. Nothing is used from a batch
-that fails.
+The batch file is read raw, so that every defect (NaN, a wrong dimension, non-binary labels, ...)
+is counted per item and reported together instead of stopping at the first; features are cast to
+float32 first, as training casts them. A batch that passes the suite is then built exactly as
+training loads it (``batch.load_batch``: the same reader, size limits and checks), so nothing
+validation accepts can fail to load later. High-dimensional features are summarized per item
+(shape, non-finite count, share of dimensions outside the range seen in training), which keeps
+the suite small and its report readable at 1,000+ dimensions. The answer is a
+``ValidationResult``: accepted or rejected, with every failed expectation, how many items it hit
+and example ids. Nothing is used from a batch that fails.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .batch import FIELDS, OPTIONAL_FIELDS, BatchError, read_npz
+from .batch import FIELDS, OPTIONAL_FIELDS, BatchError, batch_from_arrays, read_npz
 from .config import ValidationConfig
 from .reference import ReferenceProfile, flat_features
 
@@ -98,7 +100,7 @@ def validate_batch(path: str | Path, expected: BatchExpectations, config: Valida
     sha = _sha256(path)
     out = Path(out_dir) if out_dir else Path(config.reports_dir) / f"{_safe_stem(path)}-{sha[:12]}"
     try:
-        arrays = read_npz(path, list(FIELDS), OPTIONAL_FIELDS)
+        arrays = read_npz(path, list(FIELDS), OPTIONAL_FIELDS, config.max_rows, config.max_bytes)
     except BatchError as err:
         result = ValidationResult(str(path), sha, False, 0, [], [],
                                   [Failure("batch_structure", err.field, err.problem, 0)], 1)
@@ -110,11 +112,15 @@ def validate_batch(path: str | Path, expected: BatchExpectations, config: Valida
     frame, categories = _item_frame(arrays, expected, config.range_tolerance)
     failures, evaluated, html = _run_suite(frame, len(categories), expected, config, out)
     declared = [str(c) for c in arrays.get("new_categories", np.empty(0, str)).tolist()]
-    already = [c for c in declared if c in expected.known_categories]
-    if already:
-        failures.append(Failure("batch_structure", "new_categories",
-                                f"declared new but already known to the model: {already}", 0))
+    batch_checks = _batch_failures(arrays, frame, categories, declared, expected)
+    failures += batch_checks
+    evaluated += 2
+    if not failures:
         evaluated += 1
+        try:  # exactly what training will do with the file
+            batch_from_arrays(arrays, str(path)).for_model(expected.known_categories)
+        except BatchError as err:
+            failures.append(Failure("batch_structure", err.field, err.problem, 0))
     result = ValidationResult(
         str(path), sha, not failures, len(frame), [c for c in categories if c in expected.known_categories],
         [c for c in categories if c in declared and c not in expected.known_categories], failures, evaluated)
@@ -158,6 +164,19 @@ def _structure_failures(a: dict[str, np.ndarray]) -> list[Failure]:
     return [Failure("batch_structure", f, p, 0) for f, p in problems]
 
 
+def _batch_failures(a: dict[str, np.ndarray], frame, categories: list[str], declared: list[str],
+                    expected: BatchExpectations) -> list[Failure]:
+    """Checks of the batch as a whole: its declarations must agree with its columns and the model."""
+    problems = []
+    already = [c for c in declared if c in expected.known_categories]
+    if already:
+        problems.append(("new_categories", f"declared new but already known to the model: {already}"))
+    absent = [c for c in declared if c not in categories]
+    if absent:
+        problems.append(("new_categories", f"declared new but not among the batch's categories: {absent}"))
+    return [Failure("batch_structure", f, p, 0) for f, p in problems]
+
+
 def _item_frame(a: dict[str, np.ndarray], expected: BatchExpectations, tolerance: float):
     """One summary row per item: the columns the suite checks."""
     import pandas as pd
@@ -168,7 +187,8 @@ def _item_frame(a: dict[str, np.ndarray], expected: BatchExpectations, tolerance
     frame = pd.DataFrame({"id": [i if i else None for i in ids]})
     frame["id_in_database"] = np.isin(ids, expected.database_ids)
     for modality in ("image", "text"):
-        x = a[modality].astype(np.float64, copy=False)
+        with np.errstate(over="ignore"):  # beyond float32's range becomes inf: counted as non-finite
+            x = np.asarray(a[modality], dtype=np.float32)
         flat = flat_features(x)
         frame[f"{modality}_shape"] = "x".join(map(str, x.shape[1:]))
         finite = np.isfinite(flat)
@@ -210,10 +230,12 @@ def _suite(gx, expected: BatchExpectations, config: ValidationConfig, n_categori
         gxe.ExpectColumnValuesToBeUnique(column="id", description="ids are unique within the batch"),
         gxe.ExpectColumnValuesToBeInSet(column="id_in_database", value_set=[False],
                                         description="ids are new to the database (no duplicates of stored items)"),
-        gxe.ExpectColumnValuesToBeBetween(column="image_nonfinite", min_value=0, max_value=0,
-                                          description="image features are finite (no NaN or inf)"),
-        gxe.ExpectColumnValuesToBeBetween(column="text_nonfinite", min_value=0, max_value=0,
-                                          description="text features are finite (no NaN or inf)"),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="image_nonfinite", min_value=0, max_value=0,
+            description="image features are finite as float32 (no NaN, inf or |x| > 3.4e38)"),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="text_nonfinite", min_value=0, max_value=0,
+            description="text features are finite as float32 (no NaN, inf or |x| > 3.4e38)"),
         gxe.ExpectColumnValuesToBeBetween(column="label_non_binary", min_value=0, max_value=0,
                                           description="labels are binary (0/1)"),
         gxe.ExpectColumnValuesToBeBetween(column="label_count", min_value=1, max_value=max_labels,

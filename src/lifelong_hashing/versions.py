@@ -84,16 +84,31 @@ def publish(state: RunState, models_dir: str | Path, cfg: ExportConfig, number: 
 
 
 def promote(models_dir: str | Path, version: str) -> None:
-    """Point serving at ``version`` (atomic replace of the pointer file)."""
+    """Point serving at ``version`` (atomic replace of the pointer file), only once the version
+    has loaded and encoded a test input as the service will load it: a version that cannot
+    serve is refused here, and serving keeps the one it has."""
+    from .retrieval import ModelLoadError, RetrievalModel
+
     target = versions_dir(models_dir) / version
     if not _NAME.match(version) or not (target / "manifest.json").exists():
         raise VersionError(f"{models_dir}: no published version {version!r} (have {list_versions(models_dir)})")
+    try:
+        RetrievalModel(target)
+    except ModelLoadError as err:
+        raise VersionError(f"refusing to promote {version}: {err}") from err
     write_text(Path(models_dir) / POINTER, version + "\n")
 
 
 def current_version(models_dir: str | Path) -> str | None:
+    """The promoted version's name; None when nothing is promoted. The pointer's content is a
+    name, never a path: anything but the name of a version folder under ``versions/`` raises."""
     pointer = Path(models_dir) / POINTER
-    return pointer.read_text().strip() if pointer.exists() else None
+    if not pointer.exists():
+        return None
+    name = pointer.read_text(errors="replace").strip()
+    if not _NAME.match(name) or not (versions_dir(models_dir) / name).is_dir():
+        raise VersionError(f"{pointer} names {name[:80]!r}, which is not a version under {versions_dir(models_dir)}")
+    return name
 
 
 def current_dir(models_dir: str | Path) -> Path:
