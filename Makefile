@@ -6,8 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test browser pipeline prefect-server schedule repro rollback validate monitor compare serve \
-	bench bench-small bench-quality bench-quality-small lint clean
+.PHONY: run test test-fast browser pipeline prefect-server schedule repro rollback validate monitor compare serve \
+	bench bench-small bench-quality bench-quality-small docs lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,9 @@ test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
+test-fast: $(STAMP)  # the unit tier, for the inner loop (tiers: pyproject.toml, markers)
+	$(BIN)/pytest -q -m unit
+
 bench: $(STAMP)
 	$(BIN)/python bench/lifelong_scaling.py
 	$(BIN)/python bench/search_speed.py
@@ -88,6 +91,9 @@ bench-quality: $(STAMP)
 
 bench-quality-small: $(STAMP)
 	$(BIN)/python bench/quality.py --small
+
+docs: $(STAMP)  # the benchmark tables of docs/benchmarks.md and README.md, from bench/results/*.json
+	$(BIN)/python bench/report.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

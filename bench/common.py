@@ -19,8 +19,9 @@ RESULTS = ROOT / "bench" / "results"
 def models_dir_from_state(state_dir: Path, models_dir: Path) -> Path:
     """Publish ``state_dir`` into ``models_dir`` (once) and promote it."""
     from lifelong_hashing.config import ExportConfig
-    from lifelong_hashing.state import load_state
-    from lifelong_hashing.versions import current_version, promote, publish
+    from lifelong_hashing.engine.state import load_state
+    from lifelong_hashing.inference.export import publish
+    from lifelong_hashing.inference.versions import current_version, promote
 
     if current_version(models_dir) is None:
         if not (state_dir / "state.json").exists():

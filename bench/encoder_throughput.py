@@ -17,10 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, models_dir_from_state, write_result  # noqa: E402
+from report import encoder_table  # noqa: E402
 
-from lifelong_hashing.onnx_runtime import execution_providers, new_session  # noqa: E402
-from lifelong_hashing.state import load_state  # noqa: E402
-from lifelong_hashing.versions import current_dir  # noqa: E402
+from lifelong_hashing.engine.state import load_state  # noqa: E402
+from lifelong_hashing.inference.onnx_runtime import execution_providers, new_session  # noqa: E402
+from lifelong_hashing.inference.versions import current_dir  # noqa: E402
 
 FEATURE_KEYS = {"image": "image_sift_bovw", "text": "text_tfidf"}
 
@@ -44,8 +45,6 @@ def main() -> None:
     data = np.load(ROOT / "data" / "wikipedia" / "wikipedia.npz")
     rows = []
     print(f"torch threads {torch.get_num_threads()}, onnxruntime providers {list(execution_providers())}")
-    print("| encoder | batch | PyTorch eager rows/s | ONNX Runtime rows/s | ORT / PyTorch |")
-    print("|---|---|---|---|---|")
     for modality, key in FEATURE_KEYS.items():
         features = data[key].astype(np.float32)
         session = new_session(version / f"{modality}.onnx")
@@ -62,7 +61,7 @@ def main() -> None:
             ort_rate = rows_per_second(lambda s=session, x=x: s.run(["bits"], {"features": x}), batch, args.seconds)
             rows.append({"encoder": modality, "batch": batch, "torch_rows_per_s": round(torch_rate),
                          "onnxruntime_rows_per_s": round(ort_rate), "ratio": round(ort_rate / torch_rate, 2)})
-            print(f"| {modality} | {batch} | {torch_rate:,.0f} | {ort_rate:,.0f} | {ort_rate / torch_rate:.2f} |")
+    print(encoder_table(rows))
     print(f"written to {write_result('encoder_throughput', {'rows': rows})}")
 
 

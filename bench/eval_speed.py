@@ -17,9 +17,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
+from report import eval_table  # noqa: E402
 
-from lifelong_hashing.codestore import pack_codes  # noqa: E402
-from lifelong_hashing.metrics import map_per_query_reference, mean_average_precision  # noqa: E402
+from lifelong_hashing.engine.codestore import pack_codes  # noqa: E402
+from lifelong_hashing.engine.metrics import map_per_query_reference, mean_average_precision  # noqa: E402
 
 
 def main() -> None:
@@ -40,14 +41,11 @@ def main() -> None:
     ref_s = time.perf_counter() - start
     identical = abs(fast - reference) < 1e-12
     print(f"SYNTHETIC: {n_query} queries × {n_db} items, 24 labels, 64 bits; ties by database position")
-    print("| implementation | seconds | mAP@all |")
-    print("|---|---|---|")
-    print(f"| per-query argsort loop | {ref_s:.2f} | {reference:.12f} |")
-    print(f"| project (counting by distance) | {fast_s:.3f} | {fast:.12f} |")
-    print(f"speed-up {ref_s / fast_s:.1f}×, identical results: {identical}")
-    path = write_result("eval_speed" + ("_small" if args.small else ""), {
-        "queries": n_query, "database": n_db, "reference_seconds": round(ref_s, 3), "project_seconds": round(fast_s, 4),
-        "speedup": round(ref_s / fast_s, 1), "identical": identical, "map": fast})
+    result = {"queries": n_query, "database": n_db, "reference_seconds": round(ref_s, 3),
+              "project_seconds": round(fast_s, 4), "speedup": round(ref_s / fast_s, 1), "identical": identical,
+              "map": fast}
+    print(eval_table(result))
+    path = write_result("eval_speed" + ("_small" if args.small else ""), result)
     print(f"written to {path}")
     if not identical:
         sys.exit("results differ")

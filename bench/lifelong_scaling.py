@@ -17,9 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, lifelong_epochs_for, write_result  # noqa: E402
+from report import scaling_tables  # noqa: E402
 
 from lifelong_hashing.config import load_params  # noqa: E402
-from lifelong_hashing.runner import run_sequence  # noqa: E402
+from lifelong_hashing.engine.runner import run_sequence  # noqa: E402
 
 METHODS = ["joint", "finetune", "dlch", "ccmh_gam", "orthohash"]
 
@@ -53,21 +54,7 @@ def run_all(params, methods, out: Path) -> dict:
 
 
 def print_tables(title: str, results: dict) -> None:
-    joint = results["joint"]
-    print(f"\n### {title}\n")
-    print("| method | total train s | vs joint | final avg mAP I→T | vs joint | final avg mAP T→I | vs joint "
-          "| codes rewritten |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {r['total_seconds']} | {r['total_seconds'] / joint['total_seconds']:.0%} | "
-              f"{r['final_map_i2t']} | {r['final_map_i2t'] / joint['final_map_i2t']:.0%} | {r['final_map_t2i']} | "
-              f"{r['final_map_t2i'] / joint['final_map_t2i']:.0%} | {r['codes_rewritten']} |")
-    sizes = joint["database_size"]
-    print("\nTraining seconds per stage (database size after the stage):\n")
-    print("| stage | database | " + " | ".join(results) + " |")
-    print("|---|---|" + "---|" * len(results))
-    for t, size in enumerate(sizes):
-        print(f"| {t} | {size} | " + " | ".join(str(r["stage_seconds"][t]) for r in results.values()) + " |")
+    print(f"\n### {title}\n\n{scaling_tables(results)}")
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, write_result  # noqa: E402
+from report import memory_table  # noqa: E402
 
 # Each probe runs in a fresh process and prints its resident memory right before the measured
 # work (VmRSS) and its peak after it (ru_maxrss), so set-up costs are not mistaken for the work.
@@ -28,10 +29,10 @@ def rss_mb():
 
 PREPARE = """
 import sys
-from lifelong_hashing.batch import save_batch
+from lifelong_hashing.engine.batch import save_batch
 from lifelong_hashing.config import load_params
-from lifelong_hashing.runner import build_plan, run_stage
-from lifelong_hashing.state import new_state, save_state
+from lifelong_hashing.engine.runner import build_plan, run_stage
+from lifelong_hashing.engine.state import new_state, save_state
 items, work = int(sys.argv[1]), sys.argv[2]
 params = load_params("params.yaml", {
     "dataset": {"kind": "synthetic", "name": "synthetic", "n_items": items + 2000, "n_categories": 24,
@@ -49,9 +50,9 @@ save_batch(plan.stages[1].batch, work + "/new.npz")
 
 STAGE_PROBE = RSS + """
 import json, resource, sys, time
-from lifelong_hashing.batch import load_batch
-from lifelong_hashing.stages import Stage
-from lifelong_hashing.state import load_state
+from lifelong_hashing.engine.batch import load_batch
+from lifelong_hashing.engine.stages import Stage
+from lifelong_hashing.engine.state import load_state
 work = sys.argv[2]
 state = load_state(work + "/state")
 batch = load_batch(work + "/new.npz")
@@ -67,7 +68,7 @@ SEARCH_PROBE = RSS + """
 import json, resource, sys
 import faiss  # loaded before measuring: the library itself is not the search's memory
 import numpy as np
-from lifelong_hashing.codestore import CodeStore, pack_codes
+from lifelong_hashing.engine.codestore import CodeStore, pack_codes
 n = int(sys.argv[1])
 rng = np.random.default_rng(0)
 db = pack_codes(rng.integers(0, 2, size=(n, 64), dtype=np.int8))
@@ -102,15 +103,7 @@ def main() -> None:
     probe(PREPARE, items, work)
     stage = probe(STAGE_PROBE, items, work)
     search = probe(SEARCH_PROBE, codes)
-    print("| what | its data | RSS before | peak RSS | growth |")
-    print("|---|---|---|---|---|")
-    print(f"| lifelong DLCH stage: {stage['new_items']:,} new items onto {stage['database']:,} "
-          f"| new batch {stage['new_batch_mb']:.0f} MB, stored codes {stage['store_mb']:.1f} MB "
-          f"| {stage['before_mb']:.0f} MB | {stage['peak_mb']:.0f} MB "
-          f"| {stage['peak_mb'] - stage['before_mb']:.0f} MB |")
-    print(f"| search: 1,000 queries, top-100 over {codes:,} codes of 64 bits | codes {search['codes_mb']:.0f} MB, "
-          f"whole store {search['store_mb']:.0f} MB | {search['before_mb']:.0f} MB | {search['peak_mb']:.0f} MB "
-          f"| {search['peak_mb'] - search['before_mb']:.0f} MB |")
+    print(memory_table({"stage": stage, "search": search}))
     print("(RSS before includes Python and the libraries: PyTorch alone is several hundred MB)")
     print(f"written to {write_result('memory' + ('_small' if args.small else ''), {'stage': stage, 'search': search})}")
 

@@ -21,9 +21,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
+from report import search_row, search_table  # noqa: E402
 
-from lifelong_hashing.codestore import CodeStore, hamming_distances, pack_codes  # noqa: E402
-from lifelong_hashing.kernels import popcount64  # noqa: E402
+from lifelong_hashing.engine.codestore import CodeStore, hamming_distances, pack_codes  # noqa: E402
+from lifelong_hashing.engine.kernels import popcount64  # noqa: E402
 
 FULL_RANKING_QUERIES = 20  # a full ranking of 10^6 items per query is slow for every method
 
@@ -99,20 +100,16 @@ def main() -> None:
     rows = []
     print(f"SYNTHETIC random codes; {n_queries} queries, top-{args.k}; full ranking with {FULL_RANKING_QUERIES} "
           f"queries; faiss threads {faiss.omp_get_max_threads()}, numba threads {numba.get_num_threads()}")
-    print("\nMillions of codes scanned per second (higher is better); ratio = code store time / other time")
-    print("\n| codes | bits | task | code store | faiss heap | numpy xor+popcount | float ±1 matmul | "
-          "popcount-only ceiling |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\nMillions of codes scanned per second (higher is better); in brackets, the code store's time / the other's")
+    print("\n" + search_table([]))
     for bits in (64, 128):
         for n in sizes:
             top, full = measure(n, bits, n_queries, args.k, rng)
             for task, timing, count in (("top-100", top, n_queries), ("full ranking", full, FULL_RANKING_QUERIES)):
                 rate = {m: n * count / s / 1e6 for m, s in timing.items()}
-                cells = [f"{rate[m]:,.0f} ({timing['code store'] / timing[m]:.2f})" if m in rate else "—"
-                         for m in ("code store", "faiss heap", "numpy", "float", "ceiling")]
-                print(f"| {n:,} | {bits} | {task} | " + " | ".join(cells) + " |", flush=True)
                 rows.append({"codes": n, "bits": bits, "task": task, "queries": count,
                              "million_codes_per_s": {m: round(r, 1) for m, r in rate.items()}})
+                print(search_row(rows[-1]), flush=True)
     print(f"\nwritten to {write_result('search_speed' + ('_small' if args.small else ''), {'rows': rows})}")
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, models_dir_from_state, start_service, write_result  # noqa: E402
+from report import load_table  # noqa: E402
 
 
 def main() -> None:
@@ -66,16 +67,13 @@ def main() -> None:
               "requests_per_s": round(lat.size / elapsed, 1), "p50_ms": round(float(np.percentile(lat, 50)), 2),
               "p99_ms": round(float(np.percentile(lat, 99)), 2), "errors": int(sum(errors)),
               "database_size": database_size(models), "query": "1 Wikipedia text query (1,000-d TF-IDF), top-10"}
-    print("| clients | seconds | requests | req/s | p50 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| {args.clients} | {result['seconds']} | {result['requests']} | {result['requests_per_s']} | "
-          f"{result['p50_ms']} | {result['p99_ms']} | {result['errors']} |")
+    print(load_table(result))
     print(f"written to {write_result('serve_load', result)}")
 
 
 def database_size(models: Path) -> int:
-    from lifelong_hashing.codestore import CodeStore
-    from lifelong_hashing.versions import current_dir
+    from lifelong_hashing.engine.codestore import CodeStore
+    from lifelong_hashing.inference.versions import current_dir
 
     return len(CodeStore.load(current_dir(models) / "codes.npz"))
 

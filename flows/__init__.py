@@ -1,1 +1,1 @@
-"""Prefect flows: thin orchestration over ``lifelong_hashing.pipeline``."""
+"""Prefect flows: thin orchestration over ``lifelong_hashing.operations.pipeline``."""

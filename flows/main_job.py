@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 
 from flows.pipeline import process_incoming
-from lifelong_hashing.batch import save_batch
-from lifelong_hashing.cli import parse_overrides
-from lifelong_hashing.config import load_params
-from lifelong_hashing.pipeline import recorded_summary
-from lifelong_hashing.registry import Registry
-from lifelong_hashing.runner import build_plan, stage_table
-from lifelong_hashing.versions import current_version
+from lifelong_hashing.config import add_params_arguments, load_params, parse_overrides
+from lifelong_hashing.engine.batch import save_batch
+from lifelong_hashing.engine.runner import build_plan, stage_table
+from lifelong_hashing.inference.versions import current_version
+from lifelong_hashing.operations.pipeline import recorded_summary
+from lifelong_hashing.operations.registry import Registry
 
 
 def drop(batch, incoming: Path, name: str) -> Path:
@@ -31,8 +30,7 @@ def drop(batch, incoming: Path, name: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
+    add_params_arguments(parser)
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.set)
     params = load_params(args.params, overrides)
@@ -46,16 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         if not state.is_completed():
             print(f"the pipeline stopped at {name}: {state.message}", file=sys.stderr)
             return 1
-    root = registry.root
     print("\n" + stage_table(recorded_summary(registry)))
     print(f"""
-served version: {current_version(registry.models_dir)} (lhash serve --models {root / 'models'})
-models:         {root / 'models' / 'versions'}  (ONNX encoders, codes.npz, manifest.json per version)
-code store:     {root / 'state' / 'codes.npz'}
-metrics:        {root / 'metrics.json'}  (cd {root} && dvc metrics show; dvc plots show)
-reports:        {root / 'reports' / 'monitoring'} (Evidently), {root / 'reports' / 'validation'} (Great Expectations)
-dashboard:      evidently ui --workspace {root / 'reports' / 'workspace'}
-versions:       git -C {root} tag  (roll back: lhash rollback model-vN)""")
+served version: {current_version(registry.models_dir)} (lhash serve --models {registry.models_dir})
+models:         {registry.versions_dir}  (ONNX encoders, codes.npz, manifest.json per version)
+code store:     {registry.state_dir / 'codes.npz'}
+metrics:        {registry.metrics_path}  (cd {registry.root} && dvc metrics show; dvc plots show)
+reports:        {registry.reports_dir / 'monitoring'} (Evidently)
+                {registry.reports_dir / 'validation'} (Great Expectations)
+dashboard:      evidently ui --workspace {registry.evidently_workspace}
+versions:       git -C {registry.root} tag  (roll back: lhash rollback model-vN)""")
     return 0
 
 

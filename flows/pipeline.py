@@ -19,11 +19,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from lifelong_hashing import pipeline
-from lifelong_hashing.config import Params, load_params
-from lifelong_hashing.registry import Registry
-from lifelong_hashing.runner import DIRECTIONS
-from lifelong_hashing.versions import promote
+from lifelong_hashing.config import Params, add_params_arguments, load_params, parse_overrides
+from lifelong_hashing.operations import pipeline
+from lifelong_hashing.operations.registry import Registry
 
 STEP = {"cache_policy": NO_CACHE, "persist_result": False}
 
@@ -65,8 +63,8 @@ def record(candidate: pipeline.Candidate, registry: Registry, params: Params) ->
 
 
 @task(name="promote", retries=2, retry_delay_seconds=1, **STEP)
-def promote_version(registry: Registry, version: str) -> None:
-    promote(registry.models_dir, version)
+def promote(registry: Registry, version: str) -> None:
+    pipeline.promote(registry, version)
 
 
 @flow(name="lifelong-hashing-pipeline")
@@ -90,7 +88,7 @@ def process_incoming(params_path: str = "params.yaml", overrides: dict | None = 
             logger.info("incoming: %s was already processed (%s as %s); removing the copy",
                         pipeline.printable(arrival.name), entry.get("tag", "-"),
                         pipeline.printable(str(entry.get("name"))))
-            arrival.path.unlink(missing_ok=True)
+            pipeline.retire(arrival)
         for arrival in found.pending:
             outcomes.append(process_batch(arrival, registry, params))
             if outcomes[-1]["status"] != "failed":  # promoted or quarantined: its failures are history
@@ -107,7 +105,7 @@ def process_batch(arrival: pipeline.Arrival, registry: Registry, params: Params)
     """Validate, train, export, monitor, record and promote one batch. A defect of the batch
     quarantines it now; any other failure leaves it for the next run, until it is poison."""
     logger = get_run_logger()
-    work = registry.work_dir / arrival.key
+    work = registry.batch_work_dir(arrival.key)
     try:
         validation = validate(registry, arrival, params)
         if not validation.accepted:
@@ -122,8 +120,8 @@ def process_batch(arrival: pipeline.Arrival, registry: Registry, params: Params)
             return _reject(arrival, params, "monitoring alerts: " + "; ".join(candidate.alerts), reports)
         tag = record(candidate, registry, params)
         version = Path(candidate.version_dir).name
-        promote_version(registry, version)
-        arrival.path.unlink()
+        promote(registry, version)
+        pipeline.retire(arrival)
     except Exception as error:  # noqa: BLE001 - every failure is this batch's outcome; the run goes on
         if pipeline.is_batch_defect(error):
             return _reject(arrival, params, f"batch defect: {error}", [work / "validation"], kind="defect")
@@ -148,11 +146,8 @@ def _reject(arrival, params: Params, reason: str, reports: list[Path], validatio
             kind: str = "rejected", errors: list[str] | None = None) -> dict:
     dest = quarantine(arrival, params, reason, reports, kind, errors)
     shown = pipeline.markdown_text(arrival.name)
-    create_markdown_artifact(
-        key="rejected-batch", description=f"{pipeline.printable(arrival.name)[:200]} quarantined ({kind})",
-        markdown=f"# Batch quarantined ({kind}): {shown}\n\n- sha256: `{arrival.sha256}`\n"
-                 f"- reason: {pipeline.markdown_text(reason)}\n"
-                 f"- kept in: {pipeline.markdown_text(str(dest))} (the batch, its reports and reason.json)\n")
+    create_markdown_artifact(key="rejected-batch", markdown=pipeline.rejection_markdown(arrival, kind, reason, dest),
+                             description=f"{pipeline.printable(arrival.name)[:200]} quarantined ({kind})")
     if validation_html:
         page = dest / "validation" / Path(validation_html).relative_to(Path(reports[0]))
         create_link_artifact(key="validation-report", link=page.resolve().as_uri(),
@@ -163,25 +158,14 @@ def _reject(arrival, params: Params, reason: str, reports: list[Path], validatio
 def publish_artifacts(candidate: pipeline.Candidate, registry: Registry, tag: str, version: str) -> None:
     """Markdown summary, the stage×task matrix as a table, links to the reports."""
     metrics = pipeline.read_metrics(registry)
-    lines = [f"# {version} ({tag}): {candidate.kind} of {pipeline.markdown_text(candidate.arrival.name)}", "",
-             f"- items: {candidate.items}; stage {candidate.stage}; new categories: "
-             f"{', '.join(candidate.new_categories) or 'none (known categories, codes appended, no training)'}",
-             f"- sha256: `{candidate.arrival.sha256}`", "",
-             "| direction | mAP before | mAP after | mean forgetting |", "|---|---|---|---|"]
-    for d, name in (("i2t", "image→text"), ("t2i", "text→image")):
-        before = f"{candidate.before[d]:.4f}" if candidate.before else "-"
-        lines.append(f"| {name} | {before} | {candidate.after[d]:.4f} | {metrics[d]['mean_forgetting']:.4f} |")
-    lines += ["", "Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in candidate.seconds.items())]
-    lines += [f"- warning: {w}" for w in candidate.warnings] + [f"- alert: {a}" for a in candidate.alerts]
-    create_markdown_artifact(key="increment-summary", markdown="\n".join(lines), description=f"{version} summary")
-    rows = [{"direction": d, "after stage": t, **{f"task {j}": (None if v is None else round(v, 4))
-                                                  for j, v in enumerate(row)}}
-            for d in DIRECTIONS for t, row in enumerate(metrics[d]["matrix"])]
-    create_table_artifact(key="stage-task-map", table=rows, description="mAP per task (columns) after each stage")
+    summary = pipeline.summary_markdown(candidate, metrics, tag, version)
+    create_markdown_artifact(key="increment-summary", markdown=summary, description=f"{version} summary")
+    create_table_artifact(key="stage-task-map", table=pipeline.stage_task_rows(metrics),
+                          description="mAP per task (columns) after each stage")
     if candidate.kind == "increment":
-        report = registry.reports_dir / "monitoring" / f"stage-{candidate.stage:02d}" / "report.html"
+        report = registry.monitoring_report_dir(candidate.stage) / "report.html"
         create_link_artifact(key="evidently-report", link=report.as_uri(), link_text=f"Evidently report, {version}")
-    docs = sorted((registry.reports_dir / "validation" / candidate.arrival.key).rglob("index.html"))
+    docs = sorted(registry.validation_reports_dir(candidate.arrival.key).rglob("index.html"))
     if docs:
         create_link_artifact(key="validation-report", link=docs[0].as_uri(),
                              link_text=f"Great Expectations report of {pipeline.markdown_text(candidate.arrival.name)}")
@@ -189,11 +173,8 @@ def publish_artifacts(candidate: pipeline.Candidate, registry: Registry, tag: st
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
+    add_params_arguments(parser)
     args = parser.parse_args(argv)
-    from lifelong_hashing.cli import parse_overrides
-
     state = process_incoming(args.params, parse_overrides(args.set), return_state=True)
     print(f"{state.name}: {state.message or ''}".strip())
     return 0 if state.is_completed() else 1

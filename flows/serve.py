@@ -17,16 +17,14 @@ from pathlib import Path
 from prefect.settings import PREFECT_API_URL
 
 from flows.pipeline import process_incoming
-from lifelong_hashing.cli import parse_overrides
-from lifelong_hashing.config import ConfigError, load_params
+from lifelong_hashing.config import ConfigError, add_params_arguments, load_params, parse_overrides
 
 DEPLOYMENT = "scan-incoming"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
+    add_params_arguments(parser)
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.set)

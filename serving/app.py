@@ -7,7 +7,7 @@ LHASH_PARAMS (default ``params.yaml``). ``lhash serve`` does the same from the c
 import os
 
 from lifelong_hashing.config import load_params
-from lifelong_hashing.service import create_app
+from lifelong_hashing.inference.service import create_app
 
 _params = load_params(os.environ.get("LHASH_PARAMS", "params.yaml"))
 app = create_app(os.environ.get("LHASH_MODELS_DIR", _params.export.models_dir), _params.serving)

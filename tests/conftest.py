@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lifelong_hashing.batch import save_batch
 from lifelong_hashing.config import Params, load_params
-from lifelong_hashing.runner import build_plan
+from lifelong_hashing.engine.batch import save_batch
+from lifelong_hashing.engine.runner import build_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKIPEDIA = ROOT / "data" / "wikipedia" / "wikipedia.npz"

@@ -3,7 +3,9 @@ import time
 import numpy as np
 import pytest
 
-from lifelong_hashing.batch import Batch, BatchError, labels_from_ids, load_batch, make_batch, save_batch
+from lifelong_hashing.engine.batch import Batch, BatchError, labels_from_ids, load_batch, make_batch, save_batch
+
+pytestmark = pytest.mark.unit
 
 
 def _batch(n=5, source="<memory>"):

@@ -1,10 +1,13 @@
 import json
 
+import pytest
 import yaml
 
 from lifelong_hashing.cli import main
 
 from .conftest import small_params
+
+pytestmark = pytest.mark.integration
 
 
 def _params_file(tmp_path, method="orthohash", **overrides):

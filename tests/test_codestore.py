@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from lifelong_hashing.codestore import CodeStore, CodeStoreError, hamming_distances, pack_codes, unpack_codes
+from lifelong_hashing.engine.codestore import CodeStore, CodeStoreError, hamming_distances, pack_codes, unpack_codes
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize("bits", [16, 32, 64, 128])

@@ -3,11 +3,13 @@ import numpy as np
 import pytest
 import scipy.io
 
-from lifelong_hashing.batch import BatchError
 from lifelong_hashing.config import DatasetConfig
-from lifelong_hashing.datasets import load_dataset, load_dcmh_mat, synthetic_dataset
+from lifelong_hashing.engine.batch import BatchError
+from lifelong_hashing.engine.datasets import load_dataset, load_dcmh_mat, synthetic_dataset
 
 from .conftest import WIKIPEDIA
+
+pytestmark = pytest.mark.unit
 
 
 def test_embedded_wikipedia_official_split():

@@ -17,9 +17,11 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from lifelong_hashing.versions import current_version
+from lifelong_hashing.inference.versions import current_version
 
 from .conftest import PARAMS, ROOT, drop, settings
+
+pytestmark = pytest.mark.e2e
 
 
 def free_port() -> int:

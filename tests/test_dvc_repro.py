@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import yaml
 
-from lifelong_hashing.codestore import CodeStore
+from lifelong_hashing.engine.codestore import CodeStore
 
 from .conftest import ROOT
+
+pytestmark = pytest.mark.e2e
 
 SMALL = {("train", "epochs"): 1, ("train", "lifelong_epochs"): 1, ("train", "device"): "cpu",
          ("model", "hidden"): [128], ("export", "int8_min_agreement"): None}
@@ -104,7 +106,7 @@ def test_repro_of_the_committed_params_leaves_the_committed_dvc_lock_unchanged(t
     """The repository's dvc.lock is what `dvc repro` gives on the machine it was made on (2
     threads, the pinned wheels): a fresh clone reproduces every hash, so `dvc status` and the
     cache mean something."""
-    from lifelong_hashing.state import runtime_info
+    from lifelong_hashing.engine.state import runtime_info
 
     here = {k: v for k, v in runtime_info(2).items() if k in LOCK_RUNTIME}
     if here != LOCK_RUNTIME:

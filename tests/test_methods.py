@@ -9,15 +9,17 @@ import pytest
 import torch
 import yaml
 
-from lifelong_hashing.batch import make_batch
-from lifelong_hashing.codestore import CodeStore, unpack_codes
-from lifelong_hashing.encoders import pick_device
-from lifelong_hashing.methods import MethodError, create_method
-from lifelong_hashing.runner import build_plan, run_sequence, run_stage
-from lifelong_hashing.stages import Stage
-from lifelong_hashing.state import StateError, load_state, new_state, save_state
+from lifelong_hashing.engine.batch import make_batch
+from lifelong_hashing.engine.codestore import CodeStore, unpack_codes
+from lifelong_hashing.engine.encoders import pick_device
+from lifelong_hashing.engine.methods import MethodError, create_method
+from lifelong_hashing.engine.runner import build_plan, run_sequence, run_stage
+from lifelong_hashing.engine.stages import Stage
+from lifelong_hashing.engine.state import StateError, load_state, new_state, save_state
 
 from .conftest import ROOT, small_params
+
+pytestmark = pytest.mark.integration
 
 LIFELONG = ["finetune", "dlch", "ccmh_gam", "orthohash"]
 
@@ -146,8 +148,8 @@ def test_cuda_request_without_gpu_is_explained():
 def test_dcc_codes_follow_the_labels_not_just_the_outputs():
     """With the tie weighted α·m (not α·m·K) the similarity term decides most bits: items with
     the same labels get nearly the same code, whatever their weak continuous outputs."""
-    from lifelong_hashing.losses import graded_similarity
-    from lifelong_hashing.methods.dlch import dcc_codes
+    from lifelong_hashing.engine.losses import graded_similarity
+    from lifelong_hashing.engine.methods.dlch import dcc_codes
 
     rng = np.random.default_rng(0)
     bits, n_classes = 32, 4
@@ -184,7 +186,7 @@ def test_dlch_stores_the_codes_it_solved():
 
 
 def test_joint_retrains_on_appended_items_and_rewrites_their_rows_by_id():
-    from lifelong_hashing.runner import append_known
+    from lifelong_hashing.engine.runner import append_known
 
     _, plan, state = _stages("joint")
     run_stage(state, plan)

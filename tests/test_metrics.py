@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from lifelong_hashing.codestore import pack_codes
-from lifelong_hashing.metrics import (
+from lifelong_hashing.engine.codestore import pack_codes
+from lifelong_hashing.engine.metrics import (
     average_map,
     backward_transfer,
     forgetting,
@@ -12,6 +12,8 @@ from lifelong_hashing.metrics import (
     pr_curve,
     precision_at_k,
 )
+
+pytestmark = pytest.mark.unit
 
 
 def _random_problem(seed, n_query=40, n_db=500, bits=8, classes=5):
@@ -81,10 +83,10 @@ def test_forgetting_backward_transfer_and_average():
 
 def test_conventions_for_queries_without_relevant_items():
     """mAP skips a query with no relevant item (and evaluate_stage counts it); P@k scores it 0."""
-    from lifelong_hashing.batch import make_batch
-    from lifelong_hashing.codestore import CodeStore
     from lifelong_hashing.config import Params
-    from lifelong_hashing.runner import evaluate_stage
+    from lifelong_hashing.engine.batch import make_batch
+    from lifelong_hashing.engine.codestore import CodeStore
+    from lifelong_hashing.engine.runner import evaluate_stage
 
     codes = pack_codes(np.array([[1, 1, 1, 1, 1, 1, 1, 1], [-1, -1, -1, -1, -1, -1, -1, -1]]))
     db_labels = np.array([[1, 0, 0], [1, 0, 0]], np.uint8)

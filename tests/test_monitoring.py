@@ -17,15 +17,17 @@ import numpy as np
 import pytest
 import yaml
 
-from lifelong_hashing import runner
-from lifelong_hashing.batch import Batch
 from lifelong_hashing.cli import main
 from lifelong_hashing.config import MonitoringConfig, load_params
-from lifelong_hashing.datasets import load_dataset
-from lifelong_hashing.monitoring import build_report, drift_frames, monitor_state, snapshot_findings
-from lifelong_hashing.state import load_state
+from lifelong_hashing.engine import runner
+from lifelong_hashing.engine.batch import Batch
+from lifelong_hashing.engine.datasets import load_dataset
+from lifelong_hashing.engine.state import load_state
+from lifelong_hashing.operations.monitoring import build_report, drift_frames, monitor_state, snapshot_findings
 
 from .conftest import ROOT
+
+pytestmark = pytest.mark.integration
 
 TWO_STAGES = [["art", "biology", "geography", "history"], ["literature", "media"]]
 
@@ -162,6 +164,7 @@ def test_cli_monitor_exits_non_zero_on_alerts(runs, tmp_path, capsys):
     assert "stage 5 is not in this state (stages 0..1)" in capsys.readouterr().err
 
 
+@pytest.mark.browser
 def test_report_renders_in_headless_chromium(runs, tmp_path):
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver_path):

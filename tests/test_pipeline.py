@@ -21,16 +21,18 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import process_incoming
-from lifelong_hashing.batch import Batch, load_batch, save_batch
 from lifelong_hashing.cli import main as lhash
-from lifelong_hashing.codestore import CodeStore
 from lifelong_hashing.config import load_params
-from lifelong_hashing.registry import Registry
-from lifelong_hashing.runner import build_plan, run_stage
-from lifelong_hashing.state import new_state
-from lifelong_hashing.versions import current_version
+from lifelong_hashing.engine.batch import Batch, load_batch, save_batch
+from lifelong_hashing.engine.codestore import CodeStore
+from lifelong_hashing.engine.runner import build_plan, run_stage
+from lifelong_hashing.engine.state import new_state
+from lifelong_hashing.inference.versions import current_version
+from lifelong_hashing.operations.registry import Registry
 
 from .conftest import PARAMS, ROOT, drop, settings
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -177,8 +179,8 @@ def test_bad_batch_is_quarantined_and_nothing_changes(workspace, stage_files):
 
 
 def test_export_failure_keeps_previous_version_and_next_run_retries(workspace, stage_files, monkeypatch):
-    import lifelong_hashing.versions as versions
-    from lifelong_hashing.export import ExportError
+    import lifelong_hashing.inference.export as export_module
+    from lifelong_hashing.inference.export import ExportError
 
     def broken_export(*args, **kwargs):
         raise ExportError("injected: the ONNX exporter crashed")
@@ -186,7 +188,7 @@ def test_export_failure_keeps_previous_version_and_next_run_retries(workspace, s
     before = snapshot(workspace)
     drop(stage_files[1], workspace)
     with monkeypatch.context() as patch:
-        patch.setattr(versions, "export_method", broken_export)
+        patch.setattr(export_module, "export_method", broken_export)
         state = run(workspace)
     assert state.is_failed() and "injected" in state.message
     assert snapshot(workspace) == before

@@ -26,18 +26,20 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from lifelong_hashing import export as export_module
 from lifelong_hashing.cli import main
 from lifelong_hashing.config import ExportConfig, load_params
-from lifelong_hashing.datasets import load_dataset
-from lifelong_hashing.export import ExportError
-from lifelong_hashing.onnx_runtime import new_session
-from lifelong_hashing.retrieval import QueryError, RetrievalModel
-from lifelong_hashing.runner import run_sequence
-from lifelong_hashing.state import load_state
-from lifelong_hashing.versions import VersionError, current_version, list_versions, promote, publish
+from lifelong_hashing.engine.datasets import load_dataset
+from lifelong_hashing.engine.runner import run_sequence
+from lifelong_hashing.engine.state import load_state
+from lifelong_hashing.inference import export as export_module
+from lifelong_hashing.inference.export import ExportError, publish
+from lifelong_hashing.inference.onnx_runtime import new_session
+from lifelong_hashing.inference.retrieval import QueryError, RetrievalModel
+from lifelong_hashing.inference.versions import VersionError, current_version, list_versions, promote
 
 from .conftest import ROOT
+
+pytestmark = pytest.mark.integration
 
 WIKI_OVERRIDES = {"method.name": "orthohash", "train.epochs": 12, "train.lifelong_epochs": 12,
                   "model.hidden": [512], "stages.base": 4, "stages.per_stage": 3,
@@ -203,6 +205,27 @@ def _rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
+
+
+def test_the_asgi_app_serves_without_importing_torch(wiki):
+    """``uvicorn serving.app:app`` needs ONNX Runtime and faiss, not PyTorch (nor the training
+    stack): start-up, a search and the version info, then a look at sys.modules."""
+    script = (
+        "import sys\n"
+        "from fastapi.testclient import TestClient\n"
+        "import serving.app\n"
+        "with TestClient(serving.app.app, base_url='http://127.0.0.1') as client:\n"
+        "    body = {'modality': 'image', 'features': [[0.1] * 128], 'k': 3}\n"
+        "    assert client.post('/search', json=body).status_code == 200\n"
+        "    assert client.get('/version').json()['model_version'] == 'v0001'\n"
+        "heavy = {'torch', 'great_expectations', 'evidently', 'prefect'}\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & heavy)\n"
+        "print('heavy:', heavy)\n")
+    env = {**os.environ, "LHASH_MODELS_DIR": str(wiki["models"]), "LHASH_PARAMS": str(wiki["root"] / "params.yaml")}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "heavy: []" in proc.stdout
 
 
 def test_a_chunked_upload_is_cut_off_at_the_byte_limit(wiki):

@@ -2,10 +2,12 @@ import numpy as np
 import pytest
 
 from lifelong_hashing.config import DatasetConfig, StagesConfig
-from lifelong_hashing.datasets import load_dataset, synthetic_dataset
-from lifelong_hashing.stages import StagePlanError, plan_stages
+from lifelong_hashing.engine.datasets import load_dataset, synthetic_dataset
+from lifelong_hashing.engine.stages import StagePlanError, plan_stages
 
 from .conftest import WIKIPEDIA
+
+pytestmark = pytest.mark.unit
 
 
 def test_wikipedia_base_then_two_per_stage():

@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import yaml
 
-from lifelong_hashing import runner
-from lifelong_hashing.batch import BatchError, load_batch, save_batch
 from lifelong_hashing.cli import main
 from lifelong_hashing.config import load_params
-from lifelong_hashing.state import new_state, save_state
-from lifelong_hashing.validation import BatchExpectations, validate_batch
+from lifelong_hashing.engine import runner
+from lifelong_hashing.engine.batch import BatchError, load_batch, save_batch
+from lifelong_hashing.engine.state import new_state, save_state
+from lifelong_hashing.operations.validation import BatchExpectations, validate_batch
 
 from .conftest import ROOT
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

@@ -9,44 +9,30 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from .batch import BatchError
-from .codestore import CodeStoreError
-from .config import METHOD_NAMES, ConfigError, load_params
-from .stages import StagePlanError
+from lifelong_hashing.config import METHOD_NAMES, ConfigError, add_params_arguments, load_params, parse_overrides
+from lifelong_hashing.engine.batch import BatchError
+from lifelong_hashing.engine.codestore import CodeStoreError
+from lifelong_hashing.engine.stages import StagePlanError
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """The error types that mean "bad input"; imported only now so that ``--help`` loads
     neither PyTorch nor ONNX."""
-    from .export import ExportError
-    from .methods import MethodError
-    from .registry import RegistryError
-    from .retrieval import ModelLoadError, QueryError
-    from .state import StateError
-    from .versions import VersionError
+    from lifelong_hashing.engine.methods import MethodError
+    from lifelong_hashing.engine.state import StateError
+    from lifelong_hashing.inference.export import ExportError
+    from lifelong_hashing.inference.retrieval import ModelLoadError, QueryError
+    from lifelong_hashing.inference.versions import VersionError
+    from lifelong_hashing.operations.registry import RegistryError
 
     return (BatchError, CodeStoreError, ConfigError, MethodError, StagePlanError, StateError, ExportError,
             ModelLoadError, QueryError, VersionError, RegistryError)
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    """``-S model.bits=32`` style overrides, values parsed as YAML (numbers, lists, strings)."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {pair!r} must look like section.key=value")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lhash", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param, e.g. -S method.name=dlch -S model.bits=32")
+    add_params_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole stage sequence of params.yaml")
     run.add_argument("--out", help="output folder (default: run.out_dir)")
@@ -94,14 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     if not sys.stderr.isatty():  # a log file or a pipe gets a line per stage; a terminal gets progress bars
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
-    from . import runner  # PyTorch loads here, after argument parsing
+    from lifelong_hashing.engine import runner  # PyTorch loads here, after argument parsing
 
     try:
         params = load_params(args.params, parse_overrides(args.set))
         if args.command in ("export", "promote", "serve", "search"):
             return _production_command(args, params)
         if args.command == "rollback":
-            from .registry import Registry
+            from lifelong_hashing.operations.registry import Registry
 
             registry = Registry.from_params(params)
             with registry.acquire(params.pipeline.lock_timeout_seconds):
@@ -131,16 +117,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _data_command(args, params) -> int:
-    from .state import load_state
+    from lifelong_hashing.engine.state import load_state
 
     if args.command == "validate":
-        from .validation import BatchExpectations, validate_batch
+        from lifelong_hashing.operations.validation import BatchExpectations, validate_batch
 
         expected = BatchExpectations.from_state(load_state(args.state)) if args.state else BatchExpectations.none()
         result = validate_batch(args.batch, expected, params.validation, args.out)
         print(result.summary())
         return 0 if result.accepted else 1
-    from .monitoring import monitor_state
+    from lifelong_hashing.operations.monitoring import monitor_state
 
     report = monitor_state(load_state(args.state), params.monitoring, stage=args.stage, out_dir=args.out,
                            workspace=args.workspace)
@@ -149,13 +135,14 @@ def _data_command(args, params) -> int:
 
 
 def _production_command(args, params) -> int:
-    from . import versions
+    from lifelong_hashing.inference import versions
 
     models = getattr(args, "models", None) or params.export.models_dir
     if args.command == "export":
-        from .state import load_state
+        from lifelong_hashing.engine.state import load_state
+        from lifelong_hashing.inference.export import publish
 
-        version = versions.publish(load_state(args.state), models, params.export)
+        version = publish(load_state(args.state), models, params.export)
         manifest = json.loads((version / "manifest.json").read_text())
         for modality, entry in manifest["encoders"].items():
             p = entry["parity"]
@@ -171,7 +158,7 @@ def _production_command(args, params) -> int:
         versions.promote(models, args.version)
         print(f"serving {args.version} from {models}")
     elif args.command == "serve":
-        from .service import create_app, run_server
+        from lifelong_hashing.inference.service import create_app, run_server
 
         cfg = params.serving
         run_server(create_app(models, cfg), cfg, args.host or cfg.host, args.port or cfg.port)
@@ -181,7 +168,7 @@ def _production_command(args, params) -> int:
 
 
 def _search(args, params) -> None:
-    from .retrieval import QueryError
+    from lifelong_hashing.inference.retrieval import QueryError
 
     features = None
     if args.features_file:
@@ -205,12 +192,12 @@ def _search(args, params) -> None:
         results = reply.json()["results"]
     else:
         if args.state:
-            from .state import load_state
+            from lifelong_hashing.engine.state import load_state
 
             results = _search_state(load_state(args.state), args, features)
         else:
-            from .retrieval import RetrievalModel
-            from .versions import current_dir
+            from lifelong_hashing.inference.retrieval import RetrievalModel
+            from lifelong_hashing.inference.versions import current_dir
 
             model = RetrievalModel(current_dir(args.models))
             x = model.features(args.modality, features, words)
@@ -224,7 +211,7 @@ def _search(args, params) -> None:
 
 
 def _search_state(state, args, features) -> list[dict]:
-    from .retrieval import QueryError, search_hits
+    from lifelong_hashing.inference.retrieval import QueryError, search_hits
 
     if features is None:
         raise QueryError("a state folder answers feature queries only (--features-file)")

@@ -250,6 +250,24 @@ class ConfigError(ValueError):
     pass
 
 
+def add_params_arguments(parser) -> None:
+    """``--params FILE`` and ``-S key=value`` on an argparse parser: every entry point has both."""
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, e.g. -S method.name=dlch -S model.bits=32")
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``-S model.bits=32`` style overrides, values parsed as YAML (numbers, lists, strings)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {pair!r} must look like section.key=value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
     """Read params.yaml, apply dotted ``overrides`` ({"method.name": "dlch"}), validate."""
     path = Path(path)

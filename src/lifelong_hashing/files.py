@@ -10,6 +10,7 @@ current time, hence a writer of our own on ``zipfile``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -66,3 +67,12 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_write(path) as fh:
         fh.write(text.encode())
     return path
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The content hash a batch is known by (read in 1 MB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,231 @@
+"""The benchmark tables of docs/benchmarks.md, made from bench/results/*.json so the docs cannot
+drift from the measurements. Each benchmark prints its table with the same function.
+
+    python bench/report.py           # rewrite the generated blocks of docs/benchmarks.md and README.md
+    python bench/report.py --check   # exit 1 when they are out of date (a test runs this)
+
+A block is the text between ``<!-- generated: NAME -->`` and ``<!-- end generated -->``; the
+prose around it is written by hand. No project import: numpy, yaml and the standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+DOCS = (ROOT / "docs" / "benchmarks.md", ROOT / "README.md")
+METHODS = ("joint", "finetune", "dlch", "ccmh_gam", "orthohash")
+DATASETS = ("wikipedia", "mirflickr25k", "synthetic")
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(.*?)(<!-- end generated -->)", re.S)
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def pm(value: tuple[float, float], digits: int) -> str:
+    return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
+
+
+def versus(group: list[dict], method: str, baseline: str, direction: str) -> str:
+    """The gap to ``baseline``, paired by seed (a seed fixes the split, the class order of order
+    b and the synthetic data, so pairing removes the task's own variance): mean ± sd of the
+    per-seed gaps, "better" / "worse" only when the mean exceeds that sd, else "noise"."""
+    score = {(r["method"], r["seed"]): r[direction] for r in group}
+    seeds = sorted(s for m, s in score if m == method and (baseline, s) in score)
+    gap, sd = mean_sd([score[(method, s)] - score[(baseline, s)] for s in seeds])
+    verdict = "noise" if abs(gap) <= sd or len(seeds) < 2 else "better" if gap > 0 else "worse"
+    return f"{gap:+.3f} ± {sd:.3f} ({verdict})"
+
+
+def quality_tables(rows: list[dict], datasets: tuple[str, ...] = DATASETS) -> str:
+    """bench/quality.py: per dataset, order and bits, mean ± sd over seeds, each method against
+    joint and against finetune (``versus``)."""
+    out = []
+    keys = sorted({(r["dataset"], r["order"], r["bits"]) for r in rows if r["dataset"] in datasets},
+                  key=lambda k: (datasets.index(k[0]), k[1:]))
+    for dataset, order, bits in keys:
+        group = [r for r in rows if (r["dataset"], r["order"], r["bits"]) == (dataset, order, bits)]
+        methods = [m for m in METHODS if any(r["method"] == m for r in group)]
+        stat = {m: {k: mean_sd([r[k] for r in group if r["method"] == m]) for k in ("i2t", "t2i", "train_seconds")}
+                for m in methods}
+        seeds = len({r["seed"] for r in group})
+        out += [f"\n#### {dataset}, order {order}, {bits} bits ({seeds} seeds)\n",
+                "| method | avg mAP I→T | avg mAP T→I | % of joint I→T / T→I | vs finetune I→T / T→I "
+                "| train s | % of joint's time | codes rewritten |",
+                "|---|---|---|---|---|---|---|---|"]
+        for m in methods:
+            s = stat[m]
+            cells = [m, pm(s["i2t"], 4), pm(s["t2i"], 4)]
+            if "joint" in stat:
+                j = stat["joint"]
+                cells.append(f"{s['i2t'][0] / j['i2t'][0]:.1%} / {s['t2i'][0] / j['t2i'][0]:.1%}")
+                time_share = f"{s['train_seconds'][0] / j['train_seconds'][0]:.0%}"
+            else:
+                cells.append("–")
+                time_share = "–"
+            cells.append(" / ".join(versus(group, m, "finetune", d) for d in ("i2t", "t2i"))
+                         if "finetune" in stat and m != "finetune" else "–")
+            rewritten = max(r["codes_rewritten"] for r in group if r["method"] == m)
+            cells += [pm(s["train_seconds"], 1), time_share, f"{rewritten:,}"]
+            out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out).lstrip("\n")
+
+
+def headline_table(rows: list[dict], method: str) -> str:
+    """The README's one table: the default method against joint and finetune in every case."""
+    out = ["| dataset | order | bits | % of joint's avg mAP I→T / T→I | vs finetune I→T / T→I "
+           "| % of joint's train time | codes rewritten |", "|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["dataset"], r["order"], r["bits"]) for r in rows}, key=lambda k: (DATASETS.index(k[0]), k[1:]))
+    for dataset, order, bits in keys:
+        group = [r for r in rows if (r["dataset"], r["order"], r["bits"]) == (dataset, order, bits)]
+        mean = {(m, k): mean_sd([r[k] for r in group if r["method"] == m])[0]
+                for m in ("joint", method) for k in ("i2t", "t2i", "train_seconds")}
+        share = " / ".join(f"{mean[(method, d)] / mean[('joint', d)]:.1%}" for d in ("i2t", "t2i"))
+        gaps = " / ".join(versus(group, method, "finetune", d) for d in ("i2t", "t2i"))
+        time_share = mean[(method, "train_seconds")] / mean[("joint", "train_seconds")]
+        rewritten = max(r["codes_rewritten"] for r in group if r["method"] == method)
+        out.append(f"| {dataset} | {order} | {bits} | {share} | {gaps} | {time_share:.0%} | {rewritten:,} |")
+    return "\n".join(out)
+
+
+def default_method() -> str:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())["method"]["name"]
+
+
+def scaling_tables(results: dict) -> str:
+    """bench/lifelong_scaling.py: totals against joint, then seconds per stage."""
+    joint = results["joint"]
+    out = ["| method | total train s | vs joint | final avg mAP I→T | vs joint | final avg mAP T→I | vs joint "
+           "| codes rewritten |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        out.append(f"| {name} | {r['total_seconds']} | {r['total_seconds'] / joint['total_seconds']:.0%} | "
+                   f"{r['final_map_i2t']:.4f} | {r['final_map_i2t'] / joint['final_map_i2t']:.1%} | "
+                   f"{r['final_map_t2i']:.4f} | {r['final_map_t2i'] / joint['final_map_t2i']:.1%} | "
+                   f"{r['codes_rewritten']:,} |")
+    out += ["", "Training seconds per stage (database size after the stage):", "",
+            "| stage | database | " + " | ".join(results) + " |", "|---|---|" + "---|" * len(results)]
+    for t, size in enumerate(joint["database_size"]):
+        out.append(f"| {t} | {size:,} | " + " | ".join(str(r["stage_seconds"][t]) for r in results.values()) + " |")
+    return "\n".join(out)
+
+
+SEARCH_COLUMNS = (("code store", "code store"), ("faiss heap", "faiss heap"), ("numpy", "numpy xor+popcount"),
+                  ("float", "float ±1 matmul"), ("ceiling", "popcount-only ceiling"))
+
+
+def search_table(rows: list[dict]) -> str:
+    """bench/search_speed.py: millions of codes scanned per second (in brackets: the code store's
+    time over the other's, i.e. the other's rate over the code store's)."""
+    out = ["| codes | bits | task | " + " | ".join(title for _, title in SEARCH_COLUMNS) + " |",
+           "|---|---|---|" + "---|" * len(SEARCH_COLUMNS)]
+    for row in rows:
+        out.append(search_row(row))
+    return "\n".join(out)
+
+
+def search_row(row: dict) -> str:
+    rate = row["million_codes_per_s"]
+    cells = [f"{rate[m]:,.0f} ({rate[m] / rate['code store']:.2f})" if m in rate else "—" for m, _ in SEARCH_COLUMNS]
+    return f"| {row['codes']:,} | {row['bits']} | {row['task']} | " + " | ".join(cells) + " |"
+
+
+def eval_table(r: dict) -> str:
+    """bench/eval_speed.py: the project's mAP against a per-query loop."""
+    return "\n".join(["| implementation | seconds | mAP@all |", "|---|---|---|",
+                      f"| per-query argsort loop | {r['reference_seconds']:.2f} | {r['map']:.12f} |",
+                      f"| project (counting by distance) | {r['project_seconds']:.3f} | {r['map']:.12f} |",
+                      "", f"{r['queries']:,} queries × {r['database']:,} items: speed-up {r['speedup']}×, "
+                          f"identical results: {r['identical']}"])
+
+
+def memory_table(r: dict) -> str:
+    """bench/memory.py: resident memory of a lifelong stage and of a search, each in a fresh process."""
+    stage, search = r["stage"], r["search"]
+    return "\n".join([
+        "| what | its data | RSS before | peak RSS | growth |", "|---|---|---|---|---|",
+        f"| lifelong DLCH stage: {stage['new_items']:,} new items onto {stage['database']:,} "
+        f"| new batch {stage['new_batch_mb']:.0f} MB, stored codes {stage['store_mb']:.1f} MB "
+        f"| {stage['before_mb']:.0f} MB | {stage['peak_mb']:.0f} MB | {stage['peak_mb'] - stage['before_mb']:.0f} MB |",
+        f"| search: 1,000 queries, top-100 over the codes | codes {search['codes_mb']:.0f} MB, whole store "
+        f"{search['store_mb']:.0f} MB | {search['before_mb']:.0f} MB | {search['peak_mb']:.0f} MB "
+        f"| {search['peak_mb'] - search['before_mb']:.0f} MB |"])
+
+
+def encoder_table(rows: list[dict]) -> str:
+    """bench/encoder_throughput.py: rows per second, ONNX Runtime against PyTorch eager."""
+    out = ["| encoder | batch | PyTorch eager rows/s | ONNX Runtime rows/s | ORT / PyTorch |", "|---|---|---|---|---|"]
+    out += [f"| {r['encoder']} | {r['batch']} | {r['torch_rows_per_s']:,} | {r['onnxruntime_rows_per_s']:,} | "
+            f"{r['ratio']:.2f} |" for r in rows]
+    return "\n".join(out)
+
+
+def load_table(r: dict) -> str:
+    """bench/serve_load.py: requests per second and latency of the real service."""
+    return "\n".join(["| clients | seconds | requests | req/s | p50 ms | p99 ms | errors |",
+                      "|---|---|---|---|---|---|---|",
+                      f"| {r['clients']} | {r['seconds']} | {r['requests']:,} | {r['requests_per_s']} | {r['p50_ms']} "
+                      f"| {r['p99_ms']} | {r['errors']} |"])
+
+
+def _read(name: str):
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+BLOCKS = {
+    "headline": lambda: headline_table(_read("quality"), default_method()),
+    "quality-wikipedia": lambda: quality_tables(_read("quality"), ("wikipedia",)),
+    "quality-mirflickr25k": lambda: quality_tables(_read("quality"), ("mirflickr25k",)),
+    "quality-synthetic": lambda: quality_tables(_read("quality"), ("synthetic",)),
+    "scaling-synthetic": lambda: scaling_tables(_read("lifelong_scaling")["synthetic"]["results"]),
+    "scaling-wikipedia": lambda: scaling_tables(_read("lifelong_scaling")["wikipedia"]["results"]),
+    "search-speed": lambda: search_table(_read("search_speed")["rows"]),
+    "eval-speed": lambda: eval_table(_read("eval_speed")),
+    "memory": lambda: memory_table(_read("memory")),
+    "encoder-throughput": lambda: encoder_table(_read("encoder_throughput")["rows"]),
+    "serve-load": lambda: load_table(_read("serve_load")),
+}
+
+
+def render(path: Path, text: str) -> str:
+    """``text`` with every generated block made anew; an unknown block name is an error."""
+    def fill(match: re.Match) -> str:
+        name = match.group("name")
+        if name not in BLOCKS:
+            raise SystemExit(f"{path}: unknown generated block {name!r} (have {sorted(BLOCKS)})")
+        return f"{match.group(1)}{BLOCKS[name]()}\n{match.group(4)}"
+
+    return BLOCK.sub(fill, text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="exit 1 if a generated block is out of date")
+    args = ap.parse_args()
+    stale = []
+    for path in DOCS:
+        current = path.read_text()
+        fresh = render(path, current)
+        if fresh == current:
+            continue
+        stale.append(path.relative_to(ROOT))
+        if not args.check:
+            path.write_text(fresh)
+    if args.check and stale:
+        print(f"out of date: {', '.join(map(str, stale))}: run `python bench/report.py`", file=sys.stderr)
+        return 1
+    print(("up to date" if not stale else f"rewrote {', '.join(map(str, stale))}") + " (generated from bench/results)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""ONNX export of a state's encoders, with a parity check that refuses a model that disagrees,
+and ``publish``: the encoders and the code store as the next model version (``versions.py``).
+
+Each encoder becomes one self-contained ONNX file (no external data) that takes raw features
+(input normalization is inside), has a dynamic batch axis, and returns the continuous code and
+its sign bits packed little-endian into K/8 bytes, the byte layout of ``codestore.pack_codes``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lifelong_hashing import __version__
+from lifelong_hashing.config import ExportConfig
+from lifelong_hashing.engine.codestore import MODALITIES, pack_codes, words_from_bytes
+from lifelong_hashing.engine.methods import Method
+from lifelong_hashing.engine.state import RunState
+from lifelong_hashing.files import write_json
+from lifelong_hashing.inference.versions import VersionError, list_versions, version_name, version_number, versions_dir
+
+OPSET = 18
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+class _PackedEncoder(nn.Module):
+    """encoder(x) → (code, packed sign bits): serving needs both and no post-processing."""
+
+    def __init__(self, encoder: nn.Module, bits: int):
+        super().__init__()
+        self.encoder, self.bits = encoder, bits
+        self.register_buffer("powers", 2.0 ** torch.arange(8, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor):
+        code = self.encoder(x)
+        signs = (code > 0).to(torch.float32).reshape(-1, self.bits // 8, 8)
+        return code, (signs * self.powers).sum(dim=-1).to(torch.uint8)
+
+
+def vocabulary_hash(categories) -> str:
+    return hashlib.sha256("\n".join(categories).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Parity:
+    max_abs_diff: float
+    bit_agreement: float
+    rows: int
+
+    def as_dict(self) -> dict:
+        return {"max_abs_diff": self.max_abs_diff, "bit_agreement": self.bit_agreement, "rows": self.rows}
+
+
+def parity_inputs(method: Method, modality: str, rows: int = 256, seed: int = 0) -> np.ndarray:
+    """Inputs for the parity check: the memory's real exemplars when the method keeps some, topped
+    up with draws from the encoder's own input statistics (|mean + std·noise|, like features)."""
+    net = method.nets()[modality]
+    shape = method.image_shape if modality == "image" else (method.text_dim,)
+    mean, std = net.mean.cpu().numpy(), net.std.cpu().numpy()
+    drawn = np.abs(mean + std * np.random.default_rng(seed).normal(size=(rows, *shape))).astype(np.float32)
+    memory = getattr(method, "memory", None)
+    if memory is None or len(memory) == 0:
+        return drawn
+    real = getattr(memory, modality)[:rows].astype(np.float32)
+    return np.concatenate([real, drawn[: rows - len(real)]])
+
+
+def export_encoder(method: Method, modality: str, path: Path, metadata: dict[str, str]) -> None:
+    """Write one encoder to ``path`` (dynamo exporter, one file, dynamic batch)."""
+    net = method.nets()[modality]
+    net.eval()
+    wrapper = _PackedEncoder(net, method.bits).cpu().eval()
+    example = torch.as_tensor(parity_inputs(method, modality, rows=4))
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    import onnx
+
+    with warnings.catch_warnings(), _quiet_exporter():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapper, (example,), input_names=["features"], output_names=["code", "bits"],
+                                    dynamic_shapes={"x": {0: batch}}, opset_version=OPSET, dynamo=True,
+                                    external_data=False, verbose=False)
+    model = program.model_proto
+    # The exporter's intermediate shape annotations can contradict ONNX's own inference (seen with
+    # transposed weights), which breaks quantization tools; the runtime re-infers them anyway.
+    del model.graph.value_info[:]
+    # The exporter records each node's Python stack trace, with the absolute path of this source
+    # tree: the same model exported from another checkout would differ in bytes (and in DVC hash).
+    for node in [*model.graph.node, *(n for f in model.functions for n in f.node)]:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    buffer = io.BytesIO()
+    onnx.save_model(model, buffer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue())
+    net.to(method.device)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter logs every pass at INFO; a user needs only the result."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def check_parity(method: Method, modality: str, onnx_path: Path) -> Parity:
+    """ONNX Runtime against PyTorch on the same inputs: max |Δcode| and share of equal bits."""
+    from lifelong_hashing.inference.onnx_runtime import new_session
+
+    x = parity_inputs(method, modality)
+    reference = method.continuous(modality, x)
+    session = new_session(onnx_path)
+    code, bits = session.run(None, {"features": x})
+    if not np.array_equal(words_from_bytes(bits), pack_codes(code)):
+        raise ExportError(f"{onnx_path.name}: packed bits output disagrees with the code output")
+    agreement = float((np.sign(code) == np.sign(reference)).mean())
+    return Parity(float(np.abs(code - reference).max()), agreement, len(x))
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, method: Method, modality: str) -> float:
+    """Dynamic int8 quantization; returns the share of sign bits that agree with fp32."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from lifelong_hashing.inference.onnx_runtime import new_session
+
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # it warns on the root logger about pre-processing
+    try:
+        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+    x = parity_inputs(method, modality)
+    fp32 = new_session(fp32_path).run(["code"], {"features": x})[0]
+    int8 = new_session(int8_path).run(["code"], {"features": x})[0]
+    return float((np.sign(fp32) == np.sign(int8)).mean())
+
+
+def export_method(method: Method, out_dir: Path, *, model_version: str, int8_min_agreement: float | None) -> dict:
+    """Export both encoders with parity (an error below 100 % bit agreement) and, if asked, int8
+    copies that are kept only when their bit agreement reaches ``int8_min_agreement``."""
+    metadata = {"project_version": __version__, "model_version": model_version, "bits": method.bits,
+                "vocabulary_hash": vocabulary_hash(method.categories), "opset": OPSET}
+    report: dict = {"opset": OPSET, "encoders": {}}
+    for modality in MODALITIES:
+        shape = method.image_shape if modality == "image" else (method.text_dim,)
+        path = out_dir / f"{modality}.onnx"
+        export_encoder(method, modality, path, {**metadata, "modality": modality,
+                                                "input_dim": "x".join(map(str, shape))})
+        parity = check_parity(method, modality, path)
+        if parity.bit_agreement < 1.0:
+            path.unlink()
+            raise ExportError(f"{modality} encoder: ONNX sign bits agree on {parity.bit_agreement:.4%} of "
+                              f"{parity.rows} rows, not 100 % (max |diff| {parity.max_abs_diff:.3g})")
+        entry = {"file": path.name, "input_shape": list(shape), "parity": parity.as_dict()}
+        if int8_min_agreement is not None:
+            int8_path = out_dir / f"{modality}.int8.onnx"
+            agreement = quantize_int8(path, int8_path, method, modality)
+            used = agreement >= int8_min_agreement
+            if not used:
+                int8_path.unlink()
+            entry["int8"] = {"bit_agreement": agreement, "threshold": int8_min_agreement, "used": used,
+                             **({"file": int8_path.name} if used else {})}
+        report["encoders"][modality] = entry
+    return report
+
+
+def publish(state: RunState, models_dir: str | Path, cfg: ExportConfig, number: int | None = None) -> Path:
+    """Export a state's encoders and code store as version ``number`` (default: the next one),
+    not yet promoted."""
+    root = versions_dir(models_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    existing = list_versions(models_dir)
+    name = version_name(number if number is not None else version_number(existing[-1]) + 1 if existing else 1)
+    if (root / name).exists():
+        raise VersionError(f"{root / name} already exists")
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.tmp-"))
+    try:
+        report = export_method(state.method, tmp, model_version=name, int8_min_agreement=cfg.int8_min_agreement)
+        state.store.save(tmp / "codes.npz")
+        method = state.method
+        manifest = {
+            "version": name, "project_version": __version__,
+            "method": method.name, "stage": method.stage, "bits": method.bits,
+            "categories": list(method.categories), "vocabulary_hash": vocabulary_hash(method.categories),
+            "database_size": len(state.store), **report,
+            "text_vocabulary": state.text_vocabulary,
+        }
+        write_json(tmp / "manifest.json", manifest)
+        tmp.rename(root / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root / name

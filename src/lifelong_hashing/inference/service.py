@@ -1,0 +1,360 @@
+"""The HTTP retrieval service (FastAPI): a thin layer over ``retrieval.RetrievalModel``.
+
+It serves the version named by ``models/CURRENT`` and follows promotions: a watcher thread loads a
+newly promoted version in the background and swaps it in with one reference assignment, so
+requests in flight finish on the version they started with; a version that fails to load is
+refused and the old one stays. Every bad request gets a 4xx that says what is wrong.
+
+What one client can take is bounded (``serving`` in params.yaml): body bytes, counted as they
+arrive; hits per request (queries × k × targets); encode/search work at once (the rest wait in
+worker threads, never on the event loop, so ``/health`` keeps answering); open connections and
+the time a connection may take to send its headers. An API key (environment variable named by
+``serving.api_key_env``) guards every path but ``/health`` when set; the Host header must be one
+of ``serving.allowed_hosts``.
+"""
+
+
+import hmac
+import json
+import logging
+import os
+import threading
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+from lifelong_hashing import __version__
+from lifelong_hashing.config import ServingConfig
+from lifelong_hashing.inference.retrieval import ModelLoadError, QueryError, RetrievalModel
+from lifelong_hashing.inference.versions import VersionError, current_version, list_versions, versions_dir
+
+log = logging.getLogger("lifelong_hashing.inference.service")
+
+
+class ModelHolder:
+    """The served model and the pointer it came from; swapped whole, never mutated.
+
+    A promoted version that does not load is refused and the served one stays. At start-up,
+    with nothing served yet, a refused ``CURRENT`` falls back to the newest version that loads
+    (``fallback`` says which and why). A refused version is tried again when its files change."""
+
+    def __init__(self, models_dir: str | Path):
+        self.models_dir = Path(models_dir)
+        self.model: RetrievalModel | None = None
+        self.seen: tuple | None = None  # (pointer name, fingerprint of its files) last acted on
+        self.last_error: str | None = None
+        self.fallback: str | None = None
+        self._lock = threading.Lock()
+
+    def refresh(self) -> bool:
+        """Load the promoted version if it changed; True when a new one was swapped in."""
+        with self._lock:
+            try:
+                name = current_version(self.models_dir)
+            except VersionError as err:
+                name, error = None, str(err)
+            else:
+                error = None if name else f"no model version promoted in {self.models_dir}"
+            seen = (name, error, _fingerprint(versions_dir(self.models_dir) / name) if name else None)
+            if seen == self.seen:
+                return False
+            self.seen = seen
+            if name is not None and self.model is not None and self.model.version == name and self.fallback is None:
+                return False
+            if name is not None:
+                try:
+                    return self._serve(RetrievalModel(versions_dir(self.models_dir) / name), fallback=None)
+                except ModelLoadError as err:
+                    error = f"refused version {name}: {err}"
+            self.last_error = error
+            log.error(error)
+            if self.model is None:
+                return self._fall_back(error)
+            return False
+
+    def _serve(self, model: RetrievalModel, fallback: str | None) -> bool:
+        self.model, self.fallback = model, fallback
+        self.last_error = None if fallback is None else self.last_error
+        log.info("serving model version %s%s", model.version, f" ({fallback})" if fallback else "")
+        return True
+
+    def _fall_back(self, why: str) -> bool:
+        """Nothing served yet and the pointer unusable: serve the newest version that loads."""
+        for name in reversed(list_versions(self.models_dir)):
+            try:
+                model = RetrievalModel(versions_dir(self.models_dir) / name)
+            except ModelLoadError as err:
+                log.error("fallback: refused version %s: %s", name, err)
+                continue
+            return self._serve(model, fallback=f"fell back to {name}, the newest version that loads: {why}")
+        return False
+
+
+def _fingerprint(version_dir: Path) -> tuple:
+    """Names, sizes and modification times of a version's files: changes when it is re-exported."""
+    if not version_dir.is_dir():
+        return ()
+    return tuple(sorted((str(p.relative_to(version_dir)), p.stat().st_size, p.stat().st_mtime_ns)
+                        for p in version_dir.rglob("*") if p.is_file()))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hit(_Strict):
+    id: str
+    distance: int
+    stage: int
+    labels: list[str]
+
+
+class EncodeResponse(_Strict):
+    model_version: str
+    bits: int
+    codes: list[str] = Field(description="one hex string per query row: the packed sign bits, little-endian")
+
+
+class SearchResponse(_Strict):
+    model_version: str
+    results: list[dict[str, list[Hit]]] = Field(description="per query row: database side → hits")
+
+
+class Problem(_Strict):
+    detail: str
+
+
+def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watch: bool = True) -> FastAPI:
+    cfg = cfg or ServingConfig()
+    holder = ModelHolder(models_dir)
+    stop = threading.Event()
+    heavy_work = threading.BoundedSemaphore(cfg.search_threads)  # encode/search at once; others wait
+    Number = StrictFloat | StrictInt  # "1.5" and true are not numbers
+
+    class Query(_Strict):
+        modality: Literal["image", "text"]
+        features: Annotated[list[list[Number]], Field(min_length=1, max_length=cfg.max_queries)] | None = Field(
+            None, description="one feature row per query")
+        words: Annotated[list[Annotated[list[str], Field(min_length=1, max_length=10_000)]],
+                         Field(min_length=1, max_length=cfg.max_queries)] | None = Field(
+            None, description="text queries as word lists (models with a text vocabulary)")
+
+    class SearchRequest(Query):
+        k: StrictInt = Field(10, ge=1, le=cfg.max_k)
+        radius: StrictInt | None = Field(None, ge=0, description="only hits within this Hamming distance")
+        target: Literal["other", "image", "text", "both"] = "other"
+
+    def watch_pointer():
+        while not stop.wait(cfg.poll_seconds):
+            try:
+                holder.refresh()
+            except OSError as err:  # a version folder being replaced mid-read: the next poll sees it whole
+                log.warning("cannot read the model pointer: %s", err)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        holder.refresh()
+        thread = threading.Thread(target=watch_pointer, name="model-watcher", daemon=True)
+        if watch:
+            thread.start()
+        yield
+        stop.set()
+
+    app = FastAPI(title="lifelong-hashing retrieval", version=__version__, lifespan=lifespan,
+                  description="Cross-modal (image↔text) search over binary codes of a lifelong hashing model.")
+    app.state.holder = holder
+    problems = {code: {"model": Problem} for code in (400, 401, 413, 422, 503)}
+    # Outermost first: a wrong host, then a missing key, is refused before any body is read.
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(ApiKey, key=os.environ.get(cfg.api_key_env) or None, open_paths=("/health",))
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(cfg.allowed_hosts))
+
+    @app.exception_handler(QueryError)
+    async def query_error(request: Request, err: QueryError):
+        return JSONResponse({"detail": str(err)}, 422)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError):
+        """One readable line per problem ("body.k: Input should be less than or equal to 1000")."""
+        lines = [".".join(str(p) for p in e.get("loc", ())) + ": " + str(e.get("msg", "invalid"))
+                 for e in err.errors()]
+        return JSONResponse({"detail": "; ".join(lines[:10]) or "invalid request"}, 422)
+
+    def served() -> RetrievalModel:
+        model = holder.model
+        if model is None:
+            raise _Unavailable(holder.last_error or f"no model version promoted in {holder.models_dir}")
+        return model
+
+    @app.exception_handler(_Unavailable)
+    async def unavailable(request: Request, err: _Unavailable):
+        return JSONResponse({"detail": str(err)}, 503)
+
+    @app.get("/health", responses=problems)
+    async def health() -> dict:
+        """On the event loop, never behind the search threads: it answers while they are busy."""
+        model = served()
+        return {"status": "ok", "model_version": model.version}
+
+    @app.get("/version", responses=problems)
+    def version() -> dict:
+        model = served()
+        return {**model.info(), "project_version": __version__, "last_error": holder.last_error,
+                "fallback": holder.fallback}
+
+    @app.post("/encode", responses={**problems, 200: {"model": EncodeResponse}}, response_class=Response)
+    def encode(query: Query) -> Response:
+        model = served()
+        with heavy_work:
+            x = model.features(query.modality, query.features, query.words)
+            codes = model.encode(query.modality, x)
+            width = model.bits // 8
+            return _json({"model_version": model.version, "bits": model.bits,
+                          "codes": [row.view("u1")[:width].tobytes().hex() for row in codes]})
+
+    @app.post("/search", responses={**problems, 200: {"model": SearchResponse}}, response_class=Response)
+    def search(query: SearchRequest) -> Response:
+        model = served()
+        other = "text" if query.modality == "image" else "image"
+        targets = {"other": (other,), "image": ("image",), "text": ("text",), "both": ("image", "text")}[query.target]
+        rows = len(query.features if query.features is not None else query.words or ())
+        if rows * query.k * len(targets) > cfg.max_hits:
+            raise QueryError(f"the request asks for {rows * query.k * len(targets):,} hits (queries × k × "
+                             f"targets), over the limit of {cfg.max_hits:,}: send fewer queries or a smaller k")
+        with heavy_work:
+            x = model.features(query.modality, query.features, query.words)
+            results = model.search(query.modality, x, query.k, query.radius, targets)
+            return _json({"model_version": model.version, "results": results})
+
+    return app
+
+
+def _json(payload: dict) -> Response:
+    """Rendered here, in the request's worker thread, not on the event loop."""
+    return Response(json.dumps(payload, separators=(",", ":")).encode(), media_type="application/json")
+
+
+class _Unavailable(RuntimeError):
+    pass
+
+
+async def _refuse(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """Counts a request's body bytes as they arrive, chunked or not, and answers 413 as soon as
+    they pass ``max_bytes``; the app sees the body only when it is within the limit."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = f"request body larger than {self.max_bytes} bytes"
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await _refuse(send, 413, too_large)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await _refuse(send, 413, too_large)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+class ApiKey:
+    """With a key set, every path but ``open_paths`` needs it in the ``X-API-Key`` header (401)."""
+
+    def __init__(self, app, key: str | None, open_paths: tuple[str, ...]):
+        self.app, self.key, self.open_paths = app, key.encode() if key else None, open_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.key is not None and scope["path"] not in self.open_paths:
+            sent = dict(scope["headers"]).get(b"x-api-key", b"")
+            if not hmac.compare_digest(sent, self.key):
+                return await _refuse(send, 401, "missing or wrong X-API-Key header")
+        return await self.app(scope, receive, send)
+
+
+def guarded_protocol(max_connections: int, header_timeout: float):
+    """uvicorn's httptools protocol, refusing a connection past ``max_connections`` at once (it
+    holds no file descriptor) and closing one that has not sent a request's headers within
+    ``header_timeout`` seconds (idle or trickling clients), which uvicorn alone never does."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class GuardedProtocol(HttpToolsProtocol):
+        _header_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                log.warning("refusing a connection: %d open (serving.max_connections)", len(self.connections) - 1)
+                transport.abort()
+                return
+            self._start_header_timer()
+
+        def on_message_begin(self):
+            super().on_message_begin()
+            self._start_header_timer()
+
+        def on_headers_complete(self):
+            self._stop_header_timer()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc):
+            self._stop_header_timer()
+            super().connection_lost(exc)
+
+        def _start_header_timer(self):
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(header_timeout, self._headers_too_slow)
+
+        def _stop_header_timer(self):
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self):
+            self._header_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedProtocol
+
+
+def run_server(app: FastAPI, cfg: ServingConfig, host: str, port: int) -> None:
+    """uvicorn with the limits of ``serving``: connections, in-flight requests, timeouts."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="info",
+                            http=guarded_protocol(cfg.max_connections, cfg.header_timeout_seconds),
+                            limit_concurrency=cfg.max_connections, timeout_keep_alive=cfg.keep_alive_seconds,
+                            backlog=cfg.backlog)
+    uvicorn.Server(config).run()

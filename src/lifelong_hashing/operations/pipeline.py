@@ -1,0 +1,407 @@
+"""The operational pipeline as plain steps; ``flows/pipeline.py`` runs them as Prefect tasks.
+
+    scan  →  validate  →  train (new categories) | append (known ones)  →  export  →  monitor
+          →  record (DVC + git tag)  →  promote  →  retire the incoming file
+
+Every step before ``record`` writes only into ``<workspace>/.work/<batch>/``; the live state,
+the versions and the serving pointer change only in ``record`` and ``promote``, so a failure
+anywhere earlier leaves the served model as it was and the batch in the incoming folder for the
+next run. A rejected batch (validation, or a monitoring alert when ``block_on_alerts``) moves to
+the quarantine folder with its report.
+
+Failures are of two kinds. A defect of the batch itself (``BatchError``: it does not load, or
+validation refused it) quarantines it at once, with the reason. Anything else (a full disk, an
+unreachable remote, a crash in a tool) may pass: the batch stays in the incoming folder and the
+next run tries it again; after ``pipeline.max_attempts`` failed runs it is quarantined as poison
+with every error. Either way the run goes on with the other batches.
+
+Incoming file names are recorded, never used to build a path: the batch is known by its content
+hash, and only regular ``.npz`` files directly inside the incoming folder are read. Names are
+shown with ``printable`` (logs) and ``markdown_text`` (Prefect artifacts), never raw.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lifelong_hashing.config import Params
+from lifelong_hashing.engine.batch import Batch, BatchError, load_batch
+from lifelong_hashing.engine.datasets import load_dataset
+from lifelong_hashing.engine.metrics import DIRECTIONS
+from lifelong_hashing.engine.runner import append_known, history_summary, learn_stage, write_plots
+from lifelong_hashing.engine.stages import Stage
+from lifelong_hashing.engine.state import RunState, load_state, new_state, save_state, timings_path
+from lifelong_hashing.files import sha256_of, write_json
+from lifelong_hashing.inference.versions import version_number
+from lifelong_hashing.operations.registry import Registry, version_tag
+from lifelong_hashing.operations.validation import BatchExpectations, ValidationResult, validate_batch
+
+MANIFEST_KEY = "batches"
+
+
+class BatchRejected(RuntimeError):
+    """A batch was kept aside (quarantined); the message says why."""
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A batch file found in the incoming folder."""
+
+    path: Path
+    name: str  # as dropped; for the record only
+    sha256: str
+    size: int
+
+    @property
+    def key(self) -> str:
+        return self.sha256[:16]
+
+
+@dataclass(frozen=True)
+class Scan:
+    pending: list[Arrival]  # new content, oldest first
+    duplicates: list[tuple[Arrival, dict]]  # content already processed, with its manifest entry
+    skipped: list[tuple[str, str]]  # (name, why) of every other entry: hidden, links, folders, others
+
+
+def printable(name: str) -> str:
+    """A file name fit for a log line: control and other unprintable characters escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in name)
+
+
+def markdown_text(text: str) -> str:
+    """Text that renders as itself in markdown: escaped markup and HTML, no line breaks."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~>])", r"\\\1", html.escape(printable(text), quote=False))
+
+
+@dataclass
+class Candidate:
+    """What one batch produced so far; paths point into the work folder until ``record``."""
+
+    arrival: Arrival
+    kind: str  # "increment" (new categories, trained) or "append" (known categories, encoded only)
+    method: str
+    stage: int
+    new_categories: list[str]
+    items: int
+    work: Path
+    before: dict | None  # average mAP per direction before this batch (None for the first)
+    after: dict
+    seconds: dict = field(default_factory=dict)
+    validation_dir: str = ""
+    version_dir: str = ""
+    monitor_dir: str = ""
+    alerts: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.work / "state"
+
+
+def read_manifest(registry: Registry) -> dict:
+    if not registry.manifest_path.exists():
+        return {MANIFEST_KEY: {}}
+    return json.loads(registry.manifest_path.read_text())
+
+
+def read_metrics(registry: Registry) -> dict:
+    return json.loads(registry.metrics_path.read_text())
+
+
+def reconcile_serving(registry: Registry) -> str | None:
+    """Serve the version the workspace's last commit records, if serving points elsewhere (a run
+    that stopped between recording and promoting). Returns the version promoted, if any."""
+    from lifelong_hashing.inference.versions import VersionError, current_version, promote
+
+    if not registry.metrics_path.exists():
+        return None
+    recorded = read_metrics(registry)["version"]
+    try:
+        if current_version(registry.models_dir) == recorded:
+            return None
+    except VersionError:
+        pass  # a pointer that names no version: repaired below
+    promote(registry.models_dir, recorded)
+    return recorded
+
+
+def scan_incoming(incoming: str | Path, manifest: dict) -> Scan:
+    """Fingerprint each batch file directly inside ``incoming``; the manifest says which are done.
+    Symbolic links are never followed, so no name can lead outside the folder."""
+    incoming = Path(incoming)
+    incoming.mkdir(parents=True, exist_ok=True)
+    done = manifest.get(MANIFEST_KEY, {})
+    found, skipped = [], []
+    for entry in incoming.iterdir():
+        why = _not_a_batch(entry)
+        if why:
+            skipped.append((entry.name, why))
+            continue
+        stat = entry.stat()
+        found.append((stat.st_mtime_ns, entry.name, Arrival(entry, entry.name, sha256_of(entry), stat.st_size)))
+    pending, duplicates, seen = [], [], set()
+    for _, _, arrival in sorted(found, key=lambda f: (f[0], f[1])):
+        if arrival.sha256 in done:
+            duplicates.append((arrival, done[arrival.sha256]))
+        elif arrival.sha256 in seen:
+            duplicates.append((arrival, {"name": "an earlier file of this scan"}))
+        else:
+            seen.add(arrival.sha256)
+            pending.append(arrival)
+    return Scan(pending, duplicates, sorted(skipped))
+
+
+def _not_a_batch(entry: Path) -> str | None:
+    """Why an entry of the incoming folder is not read as a batch, or None if it is one."""
+    if entry.name.startswith("."):
+        return "hidden (partial uploads and editor files are left alone)"
+    if entry.is_symlink():
+        return "a symbolic link (never followed)"
+    if entry.is_dir():
+        return "a folder"
+    if not entry.is_file():
+        return "not a regular file"
+    if entry.suffix != ".npz":
+        return "not a batch file (.npz)"
+    return None
+
+
+def current_state(registry: Registry) -> RunState | None:
+    return load_state(registry.state_dir) if (registry.state_dir / "state.json").exists() else None
+
+
+def evaluation_queries(params: Params) -> Batch:
+    """The held-out queries every version is scored on: ``pipeline.queries`` or the dataset's split."""
+    if params.pipeline.queries:
+        return load_batch(params.pipeline.queries)
+    return load_dataset(params.dataset, params.seed).queries
+
+
+def validate(registry: Registry, arrival: Arrival, params: Params) -> ValidationResult:
+    state = current_state(registry)
+    expected = BatchExpectations.from_state(state) if state else BatchExpectations.none()
+    out = registry.batch_work_dir(arrival.key) / "validation"
+    return validate_batch(arrival.path, expected, params.validation, out, sha256=arrival.sha256)
+
+
+def quarantine(arrival: Arrival, quarantine_dir: str | Path, reason: str, reports: list[Path],
+               kind: str = "rejected", errors: list[str] | None = None) -> Path:
+    """Move a batch aside with its reports and the reason; nothing is lost or overwritten.
+    ``kind``: rejected (validation, alerts), defect (it does not load) or poison (it kept failing)."""
+    dest = Path(quarantine_dir) / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{arrival.key}"
+    dest.mkdir(parents=True, exist_ok=False)
+    for report in reports:
+        if report.is_dir():
+            shutil.copytree(report, dest / report.name)
+    write_json(dest / "reason.json", {"file": arrival.name, "sha256": arrival.sha256, "size": arrival.size,
+                                      "kind": kind, "reason": reason, "errors": errors or []})
+    shutil.move(arrival.path, dest / "batch.npz")
+    return dest
+
+
+def is_batch_defect(error: BaseException) -> bool:
+    """A failure that the same bytes will always give (quarantine now), as opposed to one of the
+    environment, which the next run may not meet."""
+    return isinstance(error, BatchError)
+
+
+def count_failure(registry: Registry, arrival: Arrival, error: BaseException) -> list[str]:
+    """Add a failed attempt at ``arrival`` to the workspace's ledger; returns every error so far."""
+    ledger = _read_attempts(registry)
+    errors = ledger.setdefault(arrival.sha256, {"name": arrival.name, "errors": []})["errors"]
+    errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {type(error).__name__}: {error}")
+    write_json(registry.attempts_path, ledger)
+    return errors
+
+
+def forget_attempts(registry: Registry, arrival: Arrival) -> None:
+    ledger = _read_attempts(registry)
+    if ledger.pop(arrival.sha256, None) is not None:
+        write_json(registry.attempts_path, ledger)
+
+
+def _read_attempts(registry: Registry) -> dict:
+    path = registry.attempts_path
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _average_map(record: dict) -> dict:
+    return {d: float(record[d]["map_all"]) for d in DIRECTIONS}
+
+
+def train(registry: Registry, arrival: Arrival, validation: ValidationResult, params: Params) -> Candidate:
+    """A batch with new categories is a lifelong increment (the configured method trains on it);
+    a batch of known categories is encoded and appended, with no training. Either way the new
+    state is evaluated on the held-out queries and saved into the work folder."""
+    state = current_state(registry)
+    batch = load_batch(arrival.path, params.validation.max_rows, params.validation.max_bytes)  # as validated
+    if state is None:
+        state = new_state(params, batch.image.shape[1:], batch.text.shape[1])
+    before = _average_map(state.history[-1]) if state.history else None
+    queries = evaluation_queries(params)
+    start = time.perf_counter()
+    batch = batch.for_model(state.method.categories)  # as validation built it
+    if validation.new_categories:
+        stage = Stage(state.stage + 1, tuple(validation.new_categories), batch.categories, batch)
+        record = learn_stage(state, stage, queries)
+        kind = "increment"
+    else:
+        record = append_known(state, batch, queries)
+        kind = "append"
+    work = registry.batch_work_dir(arrival.key)
+    save_state(state, work / "state")
+    return Candidate(arrival, kind, state.method.name, state.stage, list(validation.new_categories), len(batch),
+                     work, before,
+                     _average_map(record), {"train": time.perf_counter() - start},
+                     validation_dir=str(work / "validation"))
+
+
+def export(candidate: Candidate, registry: Registry, params: Params) -> Candidate:
+    """ONNX encoders with parity checks and the code store, as the next version (not promoted)."""
+    from lifelong_hashing.inference.export import publish
+
+    start = time.perf_counter()
+    version = publish(load_state(candidate.state_dir), candidate.work / "models", params.export,
+                      number=registry.next_number())
+    candidate.version_dir = str(version)
+    candidate.seconds["export"] = time.perf_counter() - start
+    return candidate
+
+
+def monitor(candidate: Candidate, params: Params) -> Candidate:
+    """The Evidently report of an increment (drift, code health, forgetting). An append trains
+    nothing, so there is no forgetting to report."""
+    if candidate.kind != "increment":
+        return candidate
+    from lifelong_hashing.operations.monitoring import monitor_state, stage_report_name
+
+    start = time.perf_counter()
+    out = candidate.work / "monitoring" / stage_report_name(candidate.stage)
+    report = monitor_state(load_state(candidate.state_dir), params.monitoring, out_dir=out, to_workspace=False)
+    candidate.monitor_dir, candidate.alerts, candidate.warnings = str(out), report.alerts, report.warnings
+    candidate.seconds["monitor"] = time.perf_counter() - start
+    return candidate
+
+
+def record(candidate: Candidate, registry: Registry, params: Params) -> str:
+    """Move the candidate into the workspace and record it as a version (DVC commit, push, git
+    commit and tag). On any failure the last committed version is restored. Returns the tag."""
+    version = Path(candidate.version_dir)
+    number = version_number(version.name)
+    try:
+        shutil.rmtree(registry.state_dir, ignore_errors=True)
+        shutil.move(candidate.state_dir, registry.state_dir)
+        shutil.move(timings_path(candidate.state_dir), timings_path(registry.state_dir))  # git, not DVC
+        registry.versions_dir.mkdir(parents=True, exist_ok=True)
+        shutil.move(version, registry.versions_dir / version.name)
+        _move_tree(Path(candidate.validation_dir), registry.validation_reports_dir(candidate.arrival.key))
+        if candidate.monitor_dir:
+            target = registry.monitoring_report_dir(candidate.stage)
+            _move_tree(Path(candidate.monitor_dir), target)
+            from lifelong_hashing.operations.monitoring import SNAPSHOT_FILE, add_to_workspace
+
+            add_to_workspace(target, registry.evidently_workspace, params.monitoring.project)
+            (target / SNAPSHOT_FILE).unlink()  # the workspace holds it now; no second 20 MB copy
+        registry.batches_dir.mkdir(exist_ok=True)
+        shutil.copyfile(candidate.arrival.path, registry.batches_dir / f"{candidate.arrival.key}.npz")
+        write_metrics(registry, recorded_history(registry), version.name, candidate.method)
+        (registry.root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
+        manifest = read_manifest(registry)
+        manifest[MANIFEST_KEY][candidate.arrival.sha256] = {
+            "name": candidate.arrival.name, "version": version.name, "tag": version_tag(number),
+            "kind": candidate.kind, "stage": candidate.stage, "items": candidate.items,
+            "new_categories": candidate.new_categories,
+            "processed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        registry.manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        message = (f"{version.name}: {candidate.kind} of {printable(candidate.arrival.name)} ({candidate.items} items"
+                   + (f", new categories {', '.join(candidate.new_categories)}" if candidate.new_categories else "")
+                   + ")")
+        tag = registry.record(number, message, params.pipeline.push_retries)
+    except BaseException:
+        registry.restore()
+        raise
+    shutil.rmtree(candidate.work, ignore_errors=True)
+    return tag
+
+
+def promote(registry: Registry, version: str) -> None:
+    """Serve ``version`` (it loads and encodes a test input first: ``versions.promote``)."""
+    from lifelong_hashing.inference.versions import promote as point_serving_at
+
+    point_serving_at(registry.models_dir, version)
+
+
+def retire(arrival: Arrival) -> None:
+    """Take a batch out of the incoming folder once it is recorded (its bytes live in batches/)."""
+    arrival.path.unlink(missing_ok=True)
+
+
+def summary_markdown(candidate: Candidate, metrics: dict, tag: str, version: str) -> str:
+    """The Prefect artifact of a promoted version: batch, mAP before and after, forgetting, seconds."""
+    new = ", ".join(map(markdown_text, candidate.new_categories))
+    lines = [f"# {version} ({tag}): {candidate.kind} of {markdown_text(candidate.arrival.name)}", "",
+             f"- items: {candidate.items}; stage {candidate.stage}; new categories: "
+             f"{new or 'none (known categories, codes appended, no training)'}",
+             f"- sha256: `{candidate.arrival.sha256}`", "",
+             "| direction | mAP before | mAP after | mean forgetting |", "|---|---|---|---|"]
+    for key, direction in DIRECTIONS.items():
+        before = f"{candidate.before[key]:.4f}" if candidate.before else "-"
+        after, forgot = candidate.after[key], metrics[key]["mean_forgetting"]
+        lines.append(f"| {direction.name} | {before} | {after:.4f} | {forgot:.4f} |")
+    lines += ["", "Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in candidate.seconds.items())]
+    lines += [f"- warning: {markdown_text(w)}" for w in candidate.warnings]
+    lines += [f"- alert: {markdown_text(a)}" for a in candidate.alerts]
+    return "\n".join(lines)
+
+
+def stage_task_rows(metrics: dict) -> list[dict]:
+    """The stage×task mAP matrices as table rows (a Prefect table artifact)."""
+    return [{"direction": key, "after stage": t,
+             **{f"task {j}": (None if v is None else round(v, 4)) for j, v in enumerate(row)}}
+            for key in DIRECTIONS for t, row in enumerate(metrics[key]["matrix"])]
+
+
+def rejection_markdown(arrival: Arrival, kind: str, reason: str, kept_in: Path) -> str:
+    return (f"# Batch quarantined ({kind}): {markdown_text(arrival.name)}\n\n- sha256: `{arrival.sha256}`\n"
+            f"- reason: {markdown_text(reason)}\n"
+            f"- kept in: {markdown_text(str(kept_in))} (the batch, its reports and reason.json)\n")
+
+
+def _move_tree(src: Path, dest: Path) -> None:
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(src, dest)
+
+
+def recorded_history(registry: Registry) -> list[dict]:
+    """The stage records of the workspace's state, read without loading the model."""
+    return json.loads((registry.state_dir / "state.json").read_text())["history"]
+
+
+def recorded_summary(registry: Registry) -> dict:
+    """The workspace's history summary with its training seconds (``timings.json``, in git)."""
+    timings = timings_path(registry.state_dir)
+    return history_summary(recorded_history(registry), json.loads(timings.read_text()) if timings.exists() else None)
+
+
+def write_metrics(registry: Registry, history: list[dict], version: str, method: str) -> None:
+    """metrics.json (what ``dvc metrics show`` reads) and the per-task mAP plot data."""
+    summary = history_summary(history)
+    metrics = {"version": version, "method": method, "stages": len(history),
+               "database_size": history[-1]["database_size"]}
+    for d in DIRECTIONS:
+        s = summary[d]
+        metrics[d] = {"final_average_map": s["final_average_map"], "mean_forgetting": s["mean_forgetting"],
+                      "backward_transfer": s["backward_transfer"], "matrix": s["matrix"]}
+    registry.metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_plots(summary, registry.plots_dir)

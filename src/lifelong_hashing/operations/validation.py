@@ -1,0 +1,309 @@
+"""Is an incoming batch fit to train on? A Great Expectations suite over one summary row per
+item, built from the current model and its reference data.
+
+The batch file is read raw, so that every defect (NaN, a wrong dimension, non-binary labels, ...)
+is counted per item and reported together instead of stopping at the first; features are cast to
+float32 first, as training casts them. A batch that passes the suite is then built exactly as
+training loads it (``batch.load_batch``: the same reader, size limits and checks), so nothing
+validation accepts can fail to load later. High-dimensional features are summarized per item
+(shape, non-finite count, share of dimensions outside the range seen in training), which keeps
+the suite small and its report readable at 1,000+ dimensions. The answer is a
+``ValidationResult``: accepted or rejected, with every failed expectation, how many items it hit
+and example ids. Nothing is used from a batch that fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from lifelong_hashing.config import ValidationConfig
+from lifelong_hashing.engine.batch import FIELDS, OPTIONAL_FIELDS, BatchError, batch_from_arrays, read_npz
+from lifelong_hashing.engine.reference import ReferenceProfile, flat_features
+from lifelong_hashing.files import sha256_of
+
+SUITE = "incoming_batch"
+_EXAMPLES = 5
+
+
+@dataclass(frozen=True)
+class Failure:
+    expectation: str  # GX expectation type, or "batch_structure" when no per-item check was possible
+    field: str  # the summary column or batch field
+    description: str
+    rows: int  # items that break it (0 for batch-level checks)
+    examples: list[str] = field(default_factory=list)  # "id: value" for the first few items
+
+    def line(self, total: int) -> str:
+        where = f" ({self.rows} of {total} items)" if self.rows else ""
+        examples = f"; e.g. {', '.join(self.examples)}" if self.examples else ""
+        return f"{self.description} [{self.expectation} on '{self.field}']{where}{examples}"
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    source: str
+    sha256: str
+    accepted: bool
+    rows: int
+    known_categories: list[str]  # of the batch's categories, those the model knows
+    new_categories: list[str]  # declared new and carrying no undeclared names
+    failures: list[Failure]
+    expectations: int  # how many were evaluated
+    json_path: str | None = None
+    html_path: str | None = None
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(f.description for f in self.failures) or "all expectations met"
+
+    def summary(self) -> str:
+        head = (f"{self.source}: {'ACCEPTED' if self.accepted else 'REJECTED'} ({self.rows} items, "
+                f"{self.expectations - len(self.failures)}/{self.expectations} expectations met)")
+        lines = [head] + [f"  ✗ {f.line(self.rows)}" for f in self.failures]
+        if self.accepted:
+            lines.append(f"  new categories: {self.new_categories or 'none (known categories only)'}")
+        lines += [f"  {k}: {v}" for k, v in (("result", self.json_path), ("report", self.html_path)) if v]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class BatchExpectations:
+    """What the current model expects of a batch; ``none`` before the first stage is trained."""
+
+    image_shape: tuple[int, ...] | None
+    text_dim: int | None
+    known_categories: tuple[str, ...]
+    database_ids: np.ndarray
+    reference: ReferenceProfile
+
+    @staticmethod
+    def none() -> BatchExpectations:
+        return BatchExpectations(None, None, (), np.empty(0, str), ReferenceProfile())
+
+    @staticmethod
+    def from_state(state) -> BatchExpectations:
+        m = state.method
+        return BatchExpectations(m.image_shape, m.text_dim, tuple(m.categories), state.store.ids, state.reference)
+
+
+def validate_batch(path: str | Path, expected: BatchExpectations, config: ValidationConfig,
+                   out_dir: str | Path | None = None, sha256: str | None = None) -> ValidationResult:
+    """Run the suite on a batch file; with ``out_dir``, write ``validation.json`` and the GX data
+    docs there (a folder per batch content hash, under ``config.reports_dir`` by default).
+    ``sha256``: the file's content hash when the caller has it already."""
+    path = Path(path)
+    try:
+        sha = sha256 or sha256_of(path)
+    except OSError:
+        sha = "0" * 64  # unreadable: read_npz below says why
+    out = Path(out_dir) if out_dir else Path(config.reports_dir) / f"{_safe_stem(path)}-{sha[:12]}"
+    try:
+        arrays = read_npz(path, list(FIELDS), OPTIONAL_FIELDS, config.max_rows, config.max_bytes)
+    except BatchError as err:
+        result = ValidationResult(str(path), sha, False, 0, [], [],
+                                  [Failure("batch_structure", err.field, err.problem, 0)], 1)
+        return _write(result, out, None)
+    structural = _structure_failures(arrays)
+    if structural:
+        n = len(arrays["ids"]) if arrays["ids"].ndim == 1 else 0
+        return _write(ValidationResult(str(path), sha, False, n, [], [], structural, len(structural)), out, None)
+    frame, categories = _item_frame(arrays, expected, config.range_tolerance)
+    failures, evaluated, html = _run_suite(frame, len(categories), expected, config, out)
+    declared = [str(c) for c in arrays.get("new_categories", np.empty(0, str)).tolist()]
+    batch_checks = _batch_failures(arrays, frame, categories, declared, expected)
+    failures += batch_checks
+    evaluated += 2
+    if not failures:
+        evaluated += 1
+        try:  # exactly what training will do with the file
+            batch_from_arrays(arrays, str(path)).for_model(expected.known_categories)
+        except BatchError as err:
+            failures.append(Failure("batch_structure", err.field, err.problem, 0))
+    result = ValidationResult(
+        str(path), sha, not failures, len(frame), [c for c in categories if c in expected.known_categories],
+        [c for c in categories if c in declared and c not in expected.known_categories], failures, evaluated)
+    return _write(result, out, html)
+
+
+def _safe_stem(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)[:64] or "batch"
+
+
+def _structure_failures(a: dict[str, np.ndarray]) -> list[Failure]:
+    """Defects that leave no per-item view: wrong ranks, misaligned rows, unusable dtypes."""
+    problems = []
+    ranks = {"ids": (1,), "image": (2, 4), "text": (2,), "labels": (2,), "categories": (1,)}
+    for name, allowed in ranks.items():
+        if a[name].ndim not in allowed:
+            problems.append((name, f"expected {' or '.join(map(str, allowed))}-D, got shape {a[name].shape}"))
+    for name in ("image", "text", "labels"):
+        if a[name].dtype.kind not in "biuf":
+            problems.append((name, f"expected numbers, got dtype {a[name].dtype}"))
+    if not problems:
+        n = len(a["ids"])
+        problems += [(k, f"{len(a[k])} rows but {n} ids") for k in ("image", "text", "labels") if len(a[k]) != n]
+        if a["labels"].shape[1] != len(a["categories"]):
+            problems.append(("labels", f"{a['labels'].shape[1]} columns but {len(a['categories'])} categories"))
+        if len(set(a["categories"].tolist())) != len(a["categories"]):
+            problems.append(("categories", "category names repeat"))
+        if n == 0:
+            problems.append(("ids", "empty batch (0 rows)"))
+    return [Failure("batch_structure", f, p, 0) for f, p in problems]
+
+
+def _batch_failures(a: dict[str, np.ndarray], frame, categories: list[str], declared: list[str],
+                    expected: BatchExpectations) -> list[Failure]:
+    """Checks of the batch as a whole: its declarations must agree with its columns and the model."""
+    problems = []
+    already = [c for c in declared if c in expected.known_categories]
+    if already:
+        problems.append(("new_categories", f"declared new but already known to the model: {already}"))
+    absent = [c for c in declared if c not in categories]
+    if absent:
+        problems.append(("new_categories", f"declared new but not among the batch's categories: {absent}"))
+    return [Failure("batch_structure", f, p, 0) for f, p in problems]
+
+
+def _item_frame(a: dict[str, np.ndarray], expected: BatchExpectations, tolerance: float):
+    """One summary row per item: the columns the suite checks."""
+    import pandas as pd
+
+    ids = a["ids"].astype(str)
+    categories = [str(c) for c in a["categories"].tolist()]
+    declared = {str(c) for c in a.get("new_categories", np.empty(0, str)).tolist()}
+    frame = pd.DataFrame({"id": [i if i else None for i in ids]})
+    frame["id_in_database"] = np.isin(ids, expected.database_ids)
+    for modality in ("image", "text"):
+        with np.errstate(over="ignore"):  # beyond float32's range becomes inf: counted as non-finite
+            x = np.asarray(a[modality], dtype=np.float32)
+        flat = flat_features(x)
+        frame[f"{modality}_shape"] = "x".join(map(str, x.shape[1:]))
+        finite = np.isfinite(flat)
+        frame[f"{modality}_nonfinite"] = (~finite).sum(axis=1)
+        frame[f"{modality}_out_of_range"] = _out_of_range_share(flat, finite, modality, expected, tolerance)
+    labels = a["labels"]
+    frame["label_non_binary"] = (~np.isin(labels, (0, 1))).sum(axis=1)
+    frame["label_count"] = (labels != 0).sum(axis=1)
+    unknown = np.array([c not in expected.known_categories and c not in declared for c in categories], bool)
+    names = np.array(categories, dtype=object)
+    frame["undeclared_categories"] = [
+        ",".join(names[unknown & (row != 0)]) or None for row in labels]
+    return frame, categories
+
+
+def _out_of_range_share(flat, finite, modality: str, expected: BatchExpectations,
+                        tolerance: float) -> np.ndarray:
+    """Share of an item's dimensions outside the reference range widened by the tolerance; NaN
+    where there is no reference or the dimension differs (another expectation reports that)."""
+    ref = expected.reference.ranges.get(modality)
+    if ref is None or ref[0].shape[0] != flat.shape[1]:
+        return np.full(len(flat), np.nan)
+    lo, hi = ref
+    slack = tolerance * (hi - lo)
+    with np.errstate(invalid="ignore"):
+        outside = ((flat < lo - slack) | (flat > hi + slack)) & finite
+    return outside.mean(axis=1)
+
+
+def _suite(gx, expected: BatchExpectations, config: ValidationConfig, n_categories: int):
+    import great_expectations.expectations as gxe
+
+    suite = gx.ExpectationSuite(name=SUITE)
+    max_labels = config.max_labels_per_item or expected.reference.max_labels or n_categories
+    checks = [
+        gxe.ExpectTableRowCountToBeBetween(min_value=config.min_rows, max_value=config.max_rows,
+                                           description=f"row count within {config.min_rows}..{config.max_rows}"),
+        gxe.ExpectColumnValuesToNotBeNull(column="id", description="every item has an id"),
+        gxe.ExpectColumnValuesToBeUnique(column="id", description="ids are unique within the batch"),
+        gxe.ExpectColumnValuesToBeInSet(column="id_in_database", value_set=[False],
+                                        description="ids are new to the database (no duplicates of stored items)"),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="image_nonfinite", min_value=0, max_value=0,
+            description="image features are finite as float32 (no NaN, inf or |x| > 3.4e38)"),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="text_nonfinite", min_value=0, max_value=0,
+            description="text features are finite as float32 (no NaN, inf or |x| > 3.4e38)"),
+        gxe.ExpectColumnValuesToBeBetween(column="label_non_binary", min_value=0, max_value=0,
+                                          description="labels are binary (0/1)"),
+        gxe.ExpectColumnValuesToBeBetween(column="label_count", min_value=1, max_value=max_labels,
+                                          description=f"every item has 1..{max_labels} labels"),
+        gxe.ExpectColumnValuesToBeNull(column="undeclared_categories",
+                                       description="label names are known or declared new in the batch"),
+    ]
+    if expected.image_shape is not None:
+        shape = "x".join(map(str, expected.image_shape))
+        checks.append(gxe.ExpectColumnValuesToBeInSet(column="image_shape", value_set=[shape],
+                                                       description=f"image features have the model's shape {shape}"))
+        checks.append(gxe.ExpectColumnValuesToBeInSet(column="text_shape", value_set=[str(expected.text_dim)],
+                                                      description=f"text features have the model's "
+                                                                  f"{expected.text_dim} dimensions"))
+    if not expected.reference.empty:
+        for m in ("image", "text"):
+            checks.append(gxe.ExpectColumnValuesToBeBetween(
+                column=f"{m}_out_of_range", min_value=0, max_value=config.max_out_of_range_share,
+                description=f"{m} features within the reference range (± {config.range_tolerance:g} × range) "
+                            f"in all but {config.max_out_of_range_share:.0%} of dimensions"))
+    for check in checks:
+        suite.add_expectation(check)
+    return suite
+
+
+def _run_suite(frame, n_categories: int, expected: BatchExpectations, config: ValidationConfig, out: Path):
+    """Validate through a GX checkpoint whose action writes the data docs under ``out/docs``."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no network at run time
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    docs = out / "docs"
+    context.add_data_docs_site(site_name="lhash", site_config={
+        "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs.resolve())}})
+    asset = context.data_sources.add_pandas("incoming").add_dataframe_asset("items")
+    batch_definition = asset.add_batch_definition_whole_dataframe("all_items")
+    suite = context.suites.add(_suite(gx, expected, config, n_categories))
+    definition = context.validation_definitions.add(gx.ValidationDefinition(name=SUITE, data=batch_definition,
+                                                                            suite=suite))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name=SUITE, validation_definitions=[definition],
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["lhash"])],
+        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["id"]}))
+    run = checkpoint.run(batch_parameters={"dataframe": frame})
+    suite_result = next(iter(run.run_results.values()))
+    failures = [_failure(r) for r in suite_result.results if not r.success]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gx_result.json").write_text(json.dumps(suite_result.to_json_dict(), indent=2, default=str))
+    pages = sorted((docs / "validations").rglob("*.html"), key=lambda p: p.stat().st_mtime)
+    return failures, len(suite_result.results), str(pages[-1]) if pages else None
+
+
+def _failure(r) -> Failure:
+    config = r.expectation_config
+    column = config.kwargs.get("column", "table")
+    result = r.result or {}
+    examples = []
+    for hit in (result.get("unexpected_index_list") or [])[:_EXAMPLES]:
+        if isinstance(hit, dict):
+            value = hit.get(column)
+            examples.append(f"{hit.get('id')}: {value}" if column != "id" else str(hit.get("id")))
+    if column == "table":
+        examples = [f"observed {result.get('observed_value')}"]
+    description = config.description or config.type
+    if r.exception_info and r.exception_info.get("raised_exception"):
+        description += f" (check raised: {r.exception_info.get('exception_message')})"
+    return Failure(config.type, column, description, int(result.get("unexpected_count") or 0), examples)
+
+
+def _write(result: ValidationResult, out: Path, html: str | None) -> ValidationResult:
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "validation.json"
+    final = replace(result, json_path=str(json_path), html_path=html)
+    json_path.write_text(json.dumps(asdict(final), indent=2))
+    return final

@@ -1,0 +1,44 @@
+"""The package's layers import only downwards: foundation < engine < inference < operations < cli."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.unit
+
+PACKAGE = ROOT / "src" / "lifelong_hashing"
+RANK = {"config": 0, "files": 0, "__init__": 0, "engine": 1, "inference": 2, "operations": 3, "cli": 4}
+
+
+def layer(module: str) -> str:
+    """``lifelong_hashing.engine.batch`` → ``engine``; ``lifelong_hashing`` → ``__init__``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def imported_modules(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lifelong_hashing"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("lifelong_hashing")}
+    return found
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        own = layer(".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts))
+        for module in imported_modules(path):
+            if RANK[layer(module)] > RANK[own]:
+                upward.append(f"{path.relative_to(ROOT)} ({own}) imports {module}")
+    assert not upward, "\n".join(upward)
+
+
+def test_every_module_sits_in_a_known_layer():
+    assert {layer(".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts)) for p in PACKAGE.rglob("*.py")} \
+        <= set(RANK)
