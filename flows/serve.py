@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not PREFECT_API_URL.value():
         print("flows.serve: error: no Prefect server. Start one with `prefect server start --host 127.0.0.1` "
-              "and set PREFECT_API_URL=http://127.0.0.1:4200/api (README, 'Schedules').", file=sys.stderr)
+              "and set PREFECT_API_URL=http://127.0.0.1:4200/api (docs/pipeline.md, 'Schedules').", file=sys.stderr)
         return 2
     process_incoming.serve(
         name=DEPLOYMENT,

@@ -97,7 +97,7 @@ def test_exp_run_sweeps_bits_and_method(reproduced):
     assert any(p["model"]["bits"] == 32 and p["method"]["name"] == "dlch" for p in params), shown
 
 
-# What the committed dvc.lock was made with (README, "Reproducibility"): elsewhere the hashes of
+# What the committed dvc.lock was made with (docs/pipeline.md, "Reproducibility"): elsewhere the hashes of
 # the trained outputs legitimately differ, and the check below does not apply.
 LOCK_RUNTIME = {"cpu_capability": "AVX512", "machine": "x86_64", "torch": "2.13.0+cpu"}
 

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="default: serving.host")
     serve.add_argument("--port", type=int, help="default: serving.port")
     val = sub.add_parser("validate", help="check an incoming batch file against the current model (exit 1: rejected)")
-    val.add_argument("batch", help="batch .npz (README, 'Batch format')")
+    val.add_argument("batch", help="batch .npz (docs/data.md, 'Batch format')")
     val.add_argument("--state", help="state folder of the current model (default: structure checks only)")
     val.add_argument("--out", help="folder for validation.json and the data docs "
                                    "(default: validation.reports_dir/<name>-<hash>)")

@@ -91,7 +91,7 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(5e-4, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # PyTorch's CPU threads. Part of what fixes the codes: another count changes the order of
-    # floating-point reductions (MKL/oneDNN), hence some bits (README, "Reproducibility").
+    # floating-point reductions (MKL/oneDNN), hence some bits (docs/pipeline.md, "Reproducibility").
     threads: int = Field(2, gt=0)
 
 
@@ -145,13 +145,13 @@ class CompareConfig(_Strict):
 
 class ExportConfig(_Strict):
     models_dir: str = "models"
-    int8_min_agreement: float | None = Field(None, gt=0, le=1)  # null: no int8 copies (README: why)
+    int8_min_agreement: float | None = Field(None, gt=0, le=1)  # null: no int8 copies (docs/serving.md: why)
 
 
 class ServingConfig(_Strict):
     """The retrieval service (``lhash serve``) and what one client may take of it."""
 
-    host: str = "127.0.0.1"  # loopback: put a proxy in front to serve others (README, Reliability)
+    host: str = "127.0.0.1"  # loopback; a proxy in front serves others (docs/serving.md)
     port: int = Field(8000, gt=0, lt=65536)
     max_k: int = Field(1000, gt=0)
     max_queries: int = Field(256, gt=0)

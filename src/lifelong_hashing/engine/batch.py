@@ -3,9 +3,9 @@
 A batch is row-aligned arrays: item ids, image features (or pixels), text features and a
 multi-hot label matrix whose columns are named by ``categories``, and optionally the names among
 them that the batch declares new (``new_categories``: the categories a lifelong increment is to
-learn). On disk it is an ``.npz`` with those keys (see README, "Batch format"). Every constructor validates, so a
-``Batch`` that exists is a good one; a bad one raises ``BatchError`` naming the source, the
-field and what is wrong.
+learn). On disk it is an ``.npz`` with those keys (docs/data.md, "Batch format"). Every
+constructor validates, so a ``Batch`` that exists is a good one; a bad one raises ``BatchError``
+naming the source, the field and what is wrong.
 """
 
 from __future__ import annotations

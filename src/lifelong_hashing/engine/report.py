@@ -1,4 +1,4 @@
-"""Plain-text tables for the terminal and the README (GitHub markdown)."""
+"""Plain-text tables for the terminal and markdown files."""
 
 from __future__ import annotations
 

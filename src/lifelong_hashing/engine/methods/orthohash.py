@@ -131,7 +131,7 @@ class LifelongOrthoHash(CodebookMethod):
     three more). The memory's size (``method.memory_per_category``) is what mainly holds that;
     distillation helps on single-label Wikipedia and is neutral to slightly harmful on
     mirflickr25k; a quarter of the base stage's epochs in lifelong stages (params.yaml) costs
-    nothing measurable in mAP (the sweep behind these choices is in README, "Methods"; the
+    nothing measurable in mAP (the sweep behind these choices is in docs/methods.md; the
     mean ± sd over seeds in bench/quality.py).
 
     Database codes (``method.orthohash.database_codes``): ``labels`` stores for each new item the
