@@ -33,7 +33,7 @@ def scan(registry: Registry, params: Params) -> pipeline.Scan:
 
 @task(name="validate", **STEP)  # no retries: the same bytes get the same verdict
 def validate(registry: Registry, arrival: pipeline.Arrival, params: Params):
-    return pipeline.validate(registry, arrival, params)
+    return pipeline.validate(registry, arrival, params.validation)
 
 
 @task(name="quarantine", retries=2, retry_delay_seconds=2, **STEP)
@@ -49,12 +49,12 @@ def train(registry: Registry, arrival: pipeline.Arrival, validation, params: Par
 
 @task(name="export onnx", **STEP)
 def export(candidate: pipeline.Candidate, registry: Registry, params: Params) -> pipeline.Candidate:
-    return pipeline.export(candidate, registry, params)
+    return pipeline.export(candidate, registry, params.export)
 
 
 @task(name="monitor", **STEP)
 def monitor(candidate: pipeline.Candidate, params: Params) -> pipeline.Candidate:
-    return pipeline.monitor(candidate, params)
+    return pipeline.monitor(candidate, params.monitoring)
 
 
 @task(name="version (dvc)", **STEP)  # pushing is retried inside, per push_retries

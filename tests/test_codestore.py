@@ -40,6 +40,40 @@ def test_search_is_exact_with_ties_broken_by_position():
         assert ranked[row].tolist() == plain[row, full].tolist()
 
 
+@pytest.mark.parametrize("bits", [8, 64, 128, 192])
+@pytest.mark.parametrize(("k", "block", "chunk"), [(1, 3, 7), (25, 3, 64), (200, 16, 2048), (301, 1, 50)])
+def test_counting_kernel_equals_a_stable_sort_and_faiss(bits, k, block, chunk):
+    """Blocks and chunks that do not divide the queries and items, many ties (8 bits), k up to N."""
+    import faiss
+
+    from lifelong_hashing.engine.kernels import hamming_topk_kernel
+
+    rng = np.random.default_rng(bits + k)
+    db = pack_codes(rng.choice([-1, 1], size=(301, bits)))
+    q = pack_codes(rng.choice([-1, 1], size=(20, bits)))
+    idx, dist = hamming_topk_kernel(q, np.ascontiguousarray(db.T), k, bits, block, chunk)
+    plain = hamming_distances(q, db).astype(np.int64)
+    order = np.argsort(plain, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(idx, order)
+    np.testing.assert_array_equal(dist, np.take_along_axis(plain, order, 1))
+    index = faiss.IndexBinaryFlat(bits)
+    index.use_heap = False
+    index.add(np.ascontiguousarray(db.view(np.uint8)[:, : bits // 8]))
+    f_dist, f_idx = index.search(np.ascontiguousarray(q.view(np.uint8)[:, : bits // 8]), k)
+    np.testing.assert_array_equal(idx, f_idx)
+    np.testing.assert_array_equal(dist, f_dist)
+
+
+def test_codes_of_256_bits_search_through_faiss_with_the_same_rule():
+    store, signs = _store(bits=256, n=120)
+    q = np.random.default_rng(2).choice([-1, 1], size=(5, 256))
+    idx, dist = store.search(pack_codes(q), "text", k=30)
+    plain = (q[:, None, :] != signs["text"][None, :, :]).sum(-1)
+    order = np.argsort(plain, axis=1, kind="stable")[:, :30]
+    np.testing.assert_array_equal(idx, order)
+    np.testing.assert_array_equal(dist, np.take_along_axis(plain, order, 1))
+
+
 def test_search_radius_and_k_beyond_database():
     store, signs = _store(bits=16, n=10)
     q = pack_codes(signs["image"][:1])

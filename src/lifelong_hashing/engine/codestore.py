@@ -4,10 +4,12 @@ Each item keeps one code per modality: I→T search scans the ``text`` codes wit
 T→I the ``image`` codes with a text query. Hamming ranking breaks ties by database position
 (insertion order), the rule of DCMH's reference evaluation.
 
-Top-k search runs on faiss' ``IndexBinaryFlat`` with ``use_heap=False``: its counting k-selection
-scans in database order, so it keeps our tie rule exactly, and it measured 5–8× faster than our
-numpy popcount + counting sort here (``bench/search_speed.py``). Full rankings (for metrics) use
-the numpy path, which needs every distance anyway.
+Exact top-k search runs on a compiled counting kernel (``kernels.hamming_topk_kernel``) for codes
+under 256 bits: the CPU's vector popcount over word-major codes, blocked over queries, and a
+histogram of distances instead of a heap; it keeps the tie rule and measured 2–3× faiss'
+``IndexBinaryFlat`` at 10^6 codes (``bench/search_speed.py``, docs/benchmarks.md). Longer codes
+use faiss ``IndexBinaryFlat`` with ``use_heap=False``, whose counting selection keeps the same
+rule. Full rankings (for metrics) use the numpy path, which needs every distance anyway.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lifelong_hashing.engine.kernels import hamming_topk_kernel
 from lifelong_hashing.files import write_npz
 
 MODALITIES = ("image", "text")
@@ -147,6 +150,13 @@ class CodeStore:
             self._derived[modality] = index
         return self._derived[modality]
 
+    def _columns(self, modality: str) -> np.ndarray:
+        """The codes word-major (words × items), the layout the search kernel vectorizes over."""
+        key = ("columns", modality)
+        if key not in self._derived:
+            self._derived[key] = np.ascontiguousarray(self.codes[modality].T)
+        return self._derived[key]
+
     def label_sets(self) -> tuple[list[list[str]], np.ndarray]:
         """The distinct label sets as lists of names, and each item's set: hits share these lists
         instead of building names per hit."""
@@ -172,8 +182,12 @@ class CodeStore:
         if reach == 0:
             empty = np.full((len(query_codes), k), -1)
             return empty.astype(np.int64), empty.astype(np.int32)
-        top, idx = self._index(modality).search(_faiss_bytes(query_codes, self.bits), reach)
-        top, idx = top.astype(np.int32), idx.astype(np.int64)
+        if self.bits < 256:  # distances fit a byte: the compiled counting kernel (bench/search_speed.py)
+            idx, top = hamming_topk_kernel(np.ascontiguousarray(query_codes), self._columns(modality), reach,
+                                           self.bits, 16, 1024)
+        else:
+            top, idx = self._index(modality).search(_faiss_bytes(query_codes, self.bits), reach)
+            top, idx = top.astype(np.int32), idx.astype(np.int64)
         if radius is not None:
             far = top > radius
             idx[far], top[far] = -1, -1

@@ -1,15 +1,24 @@
 """Compiled (numba) inner loops where numpy's whole-array passes are the bottleneck.
 
-Average precision by counting: Hamming distances are integers 0..K, so a query's ranking with
-ties broken by database position needs no sort. A first pass counts items and relevant items
-per distance; a second pass in database order gives each item its exact rank
-(items at smaller distances + items before it at its own distance) in O(N), no argsort.
+Both kernels count instead of sorting: Hamming distances are integers 0..K, so a ranking with
+ties broken by database position needs no sort.
+
+- Average precision: a first pass counts items and relevant items per distance; a second pass
+  in database order gives each item its exact rank (items at smaller distances + items before
+  it at its own distance) in O(N).
+- Top-k search: distances for a block of queries against a cache-sized chunk of the database
+  (the codes word-major, so each word is one contiguous vector the CPU's popcount instruction
+  runs on), a histogram of the distances that can still make the top k (the bound tightens as
+  the histogram fills), then a pass that places each winner at its rank. Hot loops run from 0
+  over slices: numba's negative-index handling otherwise keeps LLVM from vectorizing them.
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
+from numba import types
+from numba.extending import intrinsic
 
 _M1, _M2, _M4 = np.uint64(0x5555555555555555), np.uint64(0x3333333333333333), np.uint64(0x0F0F0F0F0F0F0F0F)
 _H01 = np.uint64(0x0101010101010101)
@@ -65,3 +74,114 @@ def average_precision_kernel(query_codes, db_codes, query_labels, db_labels, bit
                     found += 1
         out[q] = total / found if found > 0 else np.nan
     return out
+
+
+@intrinsic
+def ctpop(typingctx, x):
+    """LLVM's popcount: one POPCNT / VPOPCNTQ instruction where the CPU has it."""
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return types.uint64(types.uint64), codegen
+
+
+@numba.njit(nogil=True, inline="always")
+def _distances(query, columns, c0, c1, row):
+    """row[j] = Hamming distance from ``query`` to item c0 + j of ``columns`` (words × items)."""
+    col, a = columns[0, c0:c1], query[0]
+    if columns.shape[0] == 2:  # 128 bits: both words in one pass
+        col2, a2 = columns[1, c0:c1], query[1]
+        for j in range(c1 - c0):
+            row[j] = ctpop(a ^ col[j]) + ctpop(a2 ^ col2[j])
+        return
+    for j in range(c1 - c0):
+        row[j] = ctpop(a ^ col[j])
+    for w in range(1, columns.shape[0]):
+        col, a = columns[w, c0:c1], query[w]
+        for j in range(c1 - c0):
+            row[j] += ctpop(a ^ col[j])
+
+
+@numba.njit(nogil=True, inline="always")
+def _count_within(row, size, limit):
+    """How many of the first ``size`` distances are <= limit (a vectorized count)."""
+    hits = 0
+    for j in range(size):
+        hits += row[j] <= limit
+    return hits
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def hamming_topk_kernel(queries, columns, k, bits, block, chunk):
+    """The k nearest items per query, ties by database position: (indices, distances), each
+    (Q, k), ordered by distance then position. ``columns``: the database's code words, word-major
+    (words, N); distances must fit uint8 (bits < 256); 1 <= k <= N.
+
+    Two passes per query, each recomputing distances chunk by chunk (cheap: one vector popcount
+    per word), so no distance array larger than a chunk exists. The first, blocked over queries so
+    a chunk of codes serves all of them from cache, histograms the distances that can still make
+    the top k; the second places each winner at its rank. Chunks and groups of 64 with no
+    candidate are skipped by a vectorized count."""
+    n_query, n = queries.shape[0], columns.shape[1]
+    indices = np.empty((n_query, k), np.int64)
+    distances = np.empty((n_query, k), np.int32)
+    for b in numba.prange((n_query + block - 1) // block):
+        q0 = b * block
+        m = min(n_query, q0 + block) - q0
+        row = np.empty(chunk, np.uint8)
+        hist = np.zeros((m, bits + 1), np.int64)
+        bound = np.full(m, bits, np.int64)  # no item beyond it can still make the top k
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            size = c1 - c0
+            for qi in range(m):
+                _distances(queries[q0 + qi], columns, c0, c1, row)
+                limit = np.uint8(bound[qi])
+                if _count_within(row, size, limit) == 0:
+                    continue
+                h = hist[qi]
+                for g0 in range(0, size, 64):
+                    group = row[g0:min(size, g0 + 64)]
+                    if _count_within(group, group.shape[0], limit):
+                        for j in range(group.shape[0]):
+                            if group[j] <= limit:
+                                h[group[j]] += 1
+                cum = 0
+                for t in range(bound[qi] + 1):
+                    cum += h[t]
+                    if cum >= k:
+                        bound[qi] = t
+                        break
+        for qi in range(m):
+            q = q0 + qi
+            start = np.zeros(bits + 1, np.int64)  # rank of the next item at each distance below t
+            t, below = bits, 0
+            for d in range(bits + 1):
+                start[d] = below
+                if below + hist[qi, d] >= k:
+                    t = d  # the distance the k-th item is at
+                    break
+                below += hist[qi, d]
+            take, taken = k - below, 0  # how many of the items at distance t, in database order
+            limit = np.uint8(t)
+            for c0 in range(0, n, chunk):
+                c1 = min(n, c0 + chunk)
+                size = c1 - c0
+                _distances(queries[q], columns, c0, c1, row)
+                if _count_within(row, size, limit) == 0:
+                    continue
+                for g0 in range(0, size, 64):
+                    group = row[g0:min(size, g0 + 64)]
+                    if _count_within(group, group.shape[0], limit) == 0:
+                        continue
+                    for j in range(group.shape[0]):
+                        d = group[j]
+                        if d < t:
+                            indices[q, start[d]] = c0 + g0 + j
+                            distances[q, start[d]] = d
+                            start[d] += 1
+                        elif d == t and taken < take:
+                            indices[q, below + taken] = c0 + g0 + j
+                            distances[q, below + taken] = d
+                            taken += 1
+    return indices, distances

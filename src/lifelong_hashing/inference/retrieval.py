@@ -82,10 +82,13 @@ class RetrievalModel:
         return self.store.bits
 
     def self_check(self) -> None:
-        """Run one input through each encoder so a broken model is refused at load, not at query."""
+        """Run one input through each encoder and the search, so a broken model is refused at
+        load, not at query (and the first query does not pay for compiling the search kernel)."""
         for m in MODALITIES:
             try:
-                self.encode(m, np.zeros((1, *self.input_shapes[m]), np.float32))
+                codes = self.encode(m, np.zeros((1, *self.input_shapes[m]), np.float32))
+                if len(self.store):
+                    self.store.search(codes, m, 1)
             except Exception as err:  # noqa: BLE001 - any failure here means the version is unusable
                 raise ModelLoadError(f"{self.path}: {m} encoder fails on a test input: {err}") from err
 

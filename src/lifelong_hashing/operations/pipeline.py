@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from lifelong_hashing.config import Params
+from lifelong_hashing.config import ExportConfig, MonitoringConfig, Params, ValidationConfig
 from lifelong_hashing.engine.batch import Batch, BatchError, load_batch
 from lifelong_hashing.engine.datasets import load_dataset
 from lifelong_hashing.engine.metrics import DIRECTIONS
@@ -186,11 +186,11 @@ def evaluation_queries(params: Params) -> Batch:
     return load_dataset(params.dataset, params.seed).queries
 
 
-def validate(registry: Registry, arrival: Arrival, params: Params) -> ValidationResult:
+def validate(registry: Registry, arrival: Arrival, config: ValidationConfig) -> ValidationResult:
     state = current_state(registry)
     expected = BatchExpectations.from_state(state) if state else BatchExpectations.none()
     out = registry.batch_work_dir(arrival.key) / "validation"
-    return validate_batch(arrival.path, expected, params.validation, out, sha256=arrival.sha256)
+    return validate_batch(arrival.path, expected, config, out, sha256=arrival.sha256)
 
 
 def quarantine(arrival: Arrival, quarantine_dir: str | Path, reason: str, reports: list[Path],
@@ -265,19 +265,19 @@ def train(registry: Registry, arrival: Arrival, validation: ValidationResult, pa
                      validation_dir=str(work / "validation"))
 
 
-def export(candidate: Candidate, registry: Registry, params: Params) -> Candidate:
+def export(candidate: Candidate, registry: Registry, config: ExportConfig) -> Candidate:
     """ONNX encoders with parity checks and the code store, as the next version (not promoted)."""
     from lifelong_hashing.inference.export import publish
 
     start = time.perf_counter()
-    version = publish(load_state(candidate.state_dir), candidate.work / "models", params.export,
+    version = publish(load_state(candidate.state_dir), candidate.work / "models", config,
                       number=registry.next_number())
     candidate.version_dir = str(version)
     candidate.seconds["export"] = time.perf_counter() - start
     return candidate
 
 
-def monitor(candidate: Candidate, params: Params) -> Candidate:
+def monitor(candidate: Candidate, config: MonitoringConfig) -> Candidate:
     """The Evidently report of an increment (drift, code health, forgetting). An append trains
     nothing, so there is no forgetting to report."""
     if candidate.kind != "increment":
@@ -286,7 +286,7 @@ def monitor(candidate: Candidate, params: Params) -> Candidate:
 
     start = time.perf_counter()
     out = candidate.work / "monitoring" / stage_report_name(candidate.stage)
-    report = monitor_state(load_state(candidate.state_dir), params.monitoring, out_dir=out, to_workspace=False)
+    report = monitor_state(load_state(candidate.state_dir), config, out_dir=out, to_workspace=False)
     candidate.monitor_dir, candidate.alerts, candidate.warnings = str(out), report.alerts, report.warnings
     candidate.seconds["monitor"] = time.perf_counter() - start
     return candidate
