@@ -277,8 +277,9 @@ def test_run_once_from_the_command_line(workspace):
     assert "Completed" in proc.stdout
 
 
-def flow_logs(state) -> list[str]:
-    """The flow run's log messages as the Prefect server holds them (sent in the background)."""
+def flow_logs(state, until) -> list[str]:
+    """The flow run's log messages as the Prefect server holds them (they are sent in the
+    background): polled until ``until(messages)`` holds, or 20 s."""
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     deadline = time.time() + 20
@@ -287,9 +288,9 @@ def flow_logs(state) -> list[str]:
             logs = client.read_logs(log_filter=LogFilter(
                 flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
         messages = [log.message for log in logs]
-        if any("finished in state" in m for m in messages) or time.time() > deadline:
+        if until(messages) or time.time() > deadline:
             return messages
-        time.sleep(0.5)
+        time.sleep(0.3)
 
 
 def test_a_batch_that_would_break_training_is_quarantined_and_the_next_batch_is_processed(workspace, stage_files):
@@ -347,7 +348,7 @@ def test_every_skipped_entry_is_logged_for_what_it_is_and_names_are_escaped(work
     drop(stage_files[1], workspace, nasty)
     state = run(workspace)
     assert state.is_completed(), state.message
-    logs = flow_logs(state)
+    logs = flow_logs(state, until=lambda messages: sum(" skipped: " in m for m in messages) >= 4)
     skipped = {line.split(" skipped: ")[0]: line.split(" skipped: ")[1] for line in logs if " skipped: " in line}
     assert skipped == {"incoming: .upload.npz": "hidden (partial uploads and editor files are left alone)",
                        "incoming: folder.npz": "a folder", "incoming: link.npz": "a symbolic link (never followed)",
