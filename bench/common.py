@@ -30,25 +30,34 @@ def models_dir_from_state(state_dir: Path, models_dir: Path) -> Path:
     return models_dir
 
 
-def start_service(models_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "lifelong_hashing.cli", "--params", str(ROOT / "params.yaml"),
-                             "serve", "--models", str(models_dir), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
+        return s.getsockname()[1]
+
+
+def start_service(models_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """``lhash serve`` on a free loopback port, once it answers /health."""
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "lifelong_hashing.cli", "--params", str(ROOT / "params.yaml"),
+                                 "serve", "--models", str(models_dir), "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    return proc, wait_healthy(proc, f"http://127.0.0.1:{port}", log_path)
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log_path: Path) -> str:
+    """``url`` once it answers /health; exits with the log's path when it never does."""
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
+                return url
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
     proc.kill()
-    sys.exit(f"service did not start; see {log_path}")
+    sys.exit(f"{url} did not start; see {log_path}")
 
 
 def lifelong_epochs_for(epochs: int) -> int:

@@ -171,11 +171,15 @@ def encoder_table(rows: list[dict]) -> str:
 
 
 def load_table(r: dict) -> str:
-    """bench/serve_load.py: requests per second and latency of the real service."""
-    return "\n".join(["| clients | seconds | requests | req/s | p50 ms | p99 ms | errors |",
-                      "|---|---|---|---|---|---|---|",
-                      f"| {r['clients']} | {r['seconds']} | {r['requests']:,} | {r['requests_per_s']} | {r['p50_ms']} "
-                      f"| {r['p99_ms']} | {r['errors']} |"])
+    """bench/serve_load.py: the real service beside a bare FastAPI endpoint, same client and server."""
+    rows = ["| endpoint | requests | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
+    for name, label in (("bare", "bare FastAPI (parse body, fixed hits)"), ("service", "lhash serve /search")):
+        m = r[name]
+        rows.append(f"| {label} | {m['requests']:,} | {m['requests_per_s']} | {m['p50_ms']} | {m['p99_ms']} "
+                    f"| {m['errors']} |")
+    return "\n".join(rows + ["", f"{r['clients']} clients, {r['rounds']} alternating rounds of {r['seconds']:g} s per "
+                                  f"endpoint (req/s and latencies: medians), {r['database_size']:,} codes; **ratio to "
+                                  f"bare: {r['ratio_to_bare']:.2f} ± {r['ratio_to_bare_sd']:.2f}** (per round)"])
 
 
 def _read(name: str):

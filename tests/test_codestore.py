@@ -41,9 +41,10 @@ def test_search_is_exact_with_ties_broken_by_position():
 
 
 @pytest.mark.parametrize("bits", [8, 64, 128, 192])
-@pytest.mark.parametrize(("k", "block", "chunk"), [(1, 3, 7), (25, 3, 64), (200, 16, 2048), (301, 1, 50)])
+@pytest.mark.parametrize(("k", "block", "chunk"), [(1, 3, 7), (25, 3, 64), (200, 16, 2048), (301, 1, 50), (7, 64, 100)])
 def test_counting_kernel_equals_a_stable_sort_and_faiss(bits, k, block, chunk):
-    """Blocks and chunks that do not divide the queries and items, many ties (8 bits), k up to N."""
+    """Blocks and chunks that do not divide the queries and items, many ties (8 bits), k up to N;
+    one block of queries (block 64) runs the serial variant."""
     import faiss
 
     from lifelong_hashing.engine.kernels import hamming_topk_kernel

@@ -158,6 +158,31 @@ def test_text_query_returns_images_of_its_category(wiki, server):
     assert np.mean(precision) > 3 * chance, (np.mean(precision), chance)
 
 
+def test_concurrent_queries_batched_together_get_their_own_answers(wiki, server):
+    """Requests that arrive together are encoded and searched as one batch; each must still get
+    exactly the reply it gets alone, including one whose radius differs (a different batch key)."""
+    queries = wiki["data"].queries
+    bodies = [{"modality": "text", "k": 7, "features": [queries.text[i].tolist()]} for i in range(24)]
+    bodies += [{"modality": "image", "k": 5, "radius": 20, "features": queries.image[i:i + 3].tolist()}
+               for i in range(8)]
+    with httpx.Client(base_url=server, timeout=60) as session:
+        alone = [session.post("/search", json=b).json() for b in bodies]
+    together: list = [None] * len(bodies)
+
+    def post(i: int) -> None:
+        with httpx.Client(base_url=server, timeout=60) as session:
+            together[i] = session.post("/search", json=bodies[i]).json()
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+    assert all(len(hits) <= 5 and all(h["distance"] <= 20 for h in hits)
+               for reply in alone[24:] for result in reply["results"] for hits in result.values())
+
+
 def test_version_and_health_tell_the_truth(wiki, server):
     info = httpx.get(server + "/version").json()
     assert info["model_version"] == current_version(wiki["models"]) == "v0001"
@@ -194,7 +219,7 @@ def test_bad_requests_get_a_clear_4xx(server, body, status, words):
 def test_malformed_and_oversize_bodies(server):
     json_type = {"content-type": "application/json"}
     reply = httpx.post(server + "/search", content=b'{"modality": "image",', headers=json_type)
-    assert reply.status_code == 422 and "JSON decode error" in reply.json()["detail"]
+    assert reply.status_code == 422 and "Invalid JSON: EOF while parsing" in reply.json()["detail"]
     big = json.dumps({"modality": "text", "features": [[0.123456789] * 1000] * 250})
     reply = httpx.post(server + "/encode", content=big, headers=json_type)
     assert reply.status_code == 413 and "larger than 2000000 bytes" in reply.json()["detail"]

@@ -111,8 +111,16 @@ def _count_within(row, size, limit):
     return hits
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
 def hamming_topk_kernel(queries, columns, k, bits, block, chunk):
+    """``_hamming_topk`` on threads when there is more than one block of queries to share out;
+    one block runs on the calling thread (the service's batches of a few queries: no thread pool
+    to wake, nor to fight over when two requests search at once)."""
+    if queries.shape[0] > block:
+        return _hamming_topk_parallel(queries, columns, k, bits, block, chunk)
+    return _hamming_topk_serial(queries, columns, k, bits, block, chunk)
+
+
+def _hamming_topk(queries, columns, k, bits, block, chunk):
     """The k nearest items per query, ties by database position: (indices, distances), each
     (Q, k), ordered by distance then position. ``columns``: the database's code words, word-major
     (words, N); distances must fit uint8 (bits < 256); 1 <= k <= N.
@@ -185,3 +193,7 @@ def hamming_topk_kernel(queries, columns, k, bits, block, chunk):
                             distances[q, below + taken] = d
                             taken += 1
     return indices, distances
+
+
+_hamming_topk_parallel = numba.njit(parallel=True, nogil=True, cache=True)(_hamming_topk)
+_hamming_topk_serial = numba.njit(nogil=True, cache=True)(_hamming_topk)
