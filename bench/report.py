@@ -140,6 +140,57 @@ def search_row(row: dict) -> str:
     return f"| {row['codes']:,} | {row['bits']} | {row['task']} | " + " | ".join(cells) + f" | {same} |"
 
 
+def index_table(rows: list[dict]) -> str:
+    """bench/search_speed.py --indexes: approximate indexes against exact search at 10^7 codes."""
+    out = ["| search | build s | queries/s (batch of 1,000) | one query ms | recall@100 |", "|---|---|---|---|---|"]
+    return "\n".join(out + [index_row(row) for row in rows])
+
+
+def index_row(row: dict) -> str:
+    return (f"| {row['index']} | {row['build_seconds']:g} | {row['queries_per_s']:,.0f} | {row['single_query_ms']:g} "
+            f"| {row['recall_at_100']:.4f} |")
+
+
+def distributed_table(r: dict) -> str:
+    """bench/sharded_encoding.py: encoding an append batch in process and on Dask workers."""
+    out = ["| items | where | threads per process | wall s, cold | of it: cluster start | wall s, warm | shards "
+           "| peak MB, flow process | peak MB, each worker |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        if row["workers"]:
+            dask = (f"| {row['cluster_start_seconds']:.1f} | {row['warm_seconds']:.1f} | {row['shards']} ",
+                    " / ".join(f"{m:,.0f}" for m in row["worker_peak_mb"]))
+        else:
+            dask = (f"| — | {row['seconds']:.1f} | — ", "—")
+        out.append(f"| {row['items']:,} | {row['config']} | {row['threads']} | {row['seconds']:.1f} {dask[0]}"
+                   f"| {row['peak_mb']:,.0f} | {dask[1]} |")
+    overhead = [row["task_overhead_ms"] for row in r["rows"] if "task_overhead_ms" in row]
+    if "identical_codes" in r:
+        out += ["", f"{r['shard_rows']:,} rows per shard; Prefect + Dask cost per mapped task "
+                    f"{min(overhead):g}–{max(overhead):g} ms; identical codes in every configuration at 1 thread: "
+                    f"{'yes' if r['identical_codes'] else 'NO'}; {r['cpu_count']} cores."]
+    return "\n".join(out)
+
+
+def index_summary(rows: list[dict]) -> str:
+    """The README's cut of the index table: exact, the default IVF setting and its neighbours."""
+    keep = {"exact: code store", "exact: faiss flat, no heap", "ivf lists=1024 probes=4", "ivf lists=1024 probes=16",
+            "multihash tables=3 flips=2"}
+    return index_table([row for row in rows if row["index"] in keep])
+
+
+def serve_summary(r: dict) -> str:
+    service, bare = r["service"]["requests_per_s"], r["bare"]["requests_per_s"]
+    return (f"  `/search` served **{r['ratio_to_bare']:.2f} ± {r['ratio_to_bare_sd']:.2f}** of the requests per "
+            f"second of a bare FastAPI endpoint ({service:.0f} vs {bare:.0f} req/s, {r['clients']} clients, same "
+            "server settings; docs/benchmarks.md).")
+
+
+def distributed_summary(r: dict) -> str:
+    """The README's cut: the largest batch, every configuration."""
+    largest = max(row["items"] for row in r["rows"])
+    return distributed_table({**r, "rows": [row for row in r["rows"] if row["items"] == largest]})
+
+
 def eval_table(r: dict) -> str:
     """bench/eval_speed.py: the project's mAP against a per-query loop."""
     return "\n".join(["| implementation | seconds | mAP@all |", "|---|---|---|",
@@ -198,6 +249,11 @@ BLOCKS = {
     "memory": lambda: memory_table(_read("memory")),
     "encoder-throughput": lambda: encoder_table(_read("encoder_throughput")["rows"]),
     "serve-load": lambda: load_table(_read("serve_load")),
+    "search-indexes": lambda: index_table(_read("search_speed")["indexes"]),
+    "distributed": lambda: distributed_table(_read("sharded_encoding")),
+    "distributed-short": lambda: distributed_summary(_read("sharded_encoding")),
+    "search-indexes-short": lambda: index_summary(_read("search_speed")["indexes"]),
+    "serve-summary": lambda: serve_summary(_read("serve_load")),
 }
 
 

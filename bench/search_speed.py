@@ -6,11 +6,19 @@ nothing selected). SYNTHETIC random codes, seeded. Writes bench/results/search_s
 
     python bench/search_speed.py            # 10^4, 10^5, 10^6 codes; 64 and 128 bits; 1,000 queries
     python bench/search_speed.py --small    # 10^4 and 10^5 codes, 200 queries
+    python bench/search_speed.py --indexes  # only the index section: 10^7 codes, 64 bits
+
+The index section measures the approximate indexes of ``serving.index`` (inference/indexes.py)
+against exact search at 10^7 64-bit codes: build seconds, queries/s for a batch of 1,000, the
+latency of one query alone, and tie-aware recall@100 against exact. Random codes would make every
+index look useless (all distances near 32), so these are SYNTHETIC CLUSTERED codes like a hashing
+model's: each item one of 24 class codes with 12 % of its bits flipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -20,11 +28,13 @@ import numba
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
-from report import search_row, search_table  # noqa: E402
+from common import RESULTS, write_result  # noqa: E402
+from report import index_row, index_table, search_row, search_table  # noqa: E402
 
-from lifelong_hashing.engine.codestore import CodeStore, hamming_distances, pack_codes  # noqa: E402
+from lifelong_hashing.config import IndexConfig  # noqa: E402
+from lifelong_hashing.engine.codestore import CodeStore, faiss_bytes, hamming_distances, pack_codes  # noqa: E402
 from lifelong_hashing.engine.kernels import ctpop  # noqa: E402
+from lifelong_hashing.inference.indexes import build_index, search_index, tie_aware_recall  # noqa: E402
 
 FULL_RANKING_QUERIES = 20  # a full ranking of 10^6 items per query is slow for every method
 
@@ -100,11 +110,66 @@ def measure(n: int, bits: int, n_queries: int, k: int, rng) -> tuple[dict, dict,
     return top, full, identical
 
 
+INDEX_SETTINGS = [IndexConfig(kind="ivf", ivf_lists=lists, ivf_probes=probes)
+                  for lists in (1024, 4096) for probes in (4, 16, 64)]
+INDEX_SETTINGS += [IndexConfig(kind="multihash", multihash_tables=tables, multihash_flips=flips)
+                   for tables, flips in ((3, 1), (3, 2), (4, 1))]
+
+
+def clustered_codes(n: int, bits: int, rng, classes: int = 24, flip: float = 0.12) -> np.ndarray:
+    centres = np.random.default_rng(12345).integers(0, 2, size=(classes, bits), dtype=np.uint8)
+    out = np.empty((n, bits // 64), np.uint64)
+    for s in range(0, n, 1_000_000):  # bounded memory: 10^7 × 64 bytes of bits at once is 640 MB
+        m = min(n, s + 1_000_000) - s
+        bits_ = centres[rng.integers(classes, size=m)] ^ (rng.random((m, bits)) < flip)
+        out[s:s + m] = np.packbits(bits_, axis=1, bitorder="little").view("<u8")
+    return out
+
+
+def measure_indexes(n: int, bits: int, n_queries: int, k: int, rng) -> list[dict]:
+    db, queries = clustered_codes(n, bits, rng), clustered_codes(n_queries, bits, rng)
+    store = CodeStore(bits)
+    store.append(np.arange(n).astype(str), 0, np.ones((n, 1), np.uint8), ("all",), {"image": db, "text": db})
+    store.search(queries[:2], "image", k)
+    exact = store.search(queries, "image", k)[1]
+    flat = faiss.IndexBinaryFlat(bits)
+    flat.use_heap = False
+    flat.add(faiss_bytes(db, bits))
+    searches = {"exact: code store": (0.0, lambda q: store.search(q, "image", k)),
+                "exact: faiss flat, no heap": (0.0, lambda q: search_index(flat, q, bits, k))}
+    for cfg in INDEX_SETTINGS:
+        start = time.perf_counter()
+        index = build_index(db, bits, cfg)
+        build = time.perf_counter() - start
+        name = (f"ivf lists={cfg.ivf_lists} probes={cfg.ivf_probes}" if cfg.kind == "ivf" else
+                f"multihash tables={cfg.multihash_tables} flips={cfg.multihash_flips}")
+        searches[name] = (build, lambda q, index=index: search_index(index, q, bits, k))
+    rows = []
+    for name, (build, search) in searches.items():
+        seconds = timed(lambda search=search: search(queries))
+        single = min(timed(lambda search=search, i=i: search(queries[i:i + 1])) for i in range(20))
+        rows.append({"codes": n, "bits": bits, "index": name, "build_seconds": round(build, 2),
+                     "queries_per_s": round(n_queries / seconds, 1), "single_query_ms": round(single * 1000, 2),
+                     "recall_at_100": round(tie_aware_recall(exact, search(queries)[1]), 4)})
+        print(index_row(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true")
+    ap.add_argument("--indexes", action="store_true", help="only the index section (10^7 codes)")
+    ap.add_argument("--index-codes", type=int, default=10_000_000)
     ap.add_argument("--k", type=int, default=100)
     args = ap.parse_args()
+    if args.indexes:
+        print(f"SYNTHETIC CLUSTERED codes, {args.index_codes:,} × 64 bits; 1,000 queries, top-{args.k}; "
+              f"faiss threads {faiss.omp_get_max_threads()}\n\n" + index_table([]))
+        rows = measure_indexes(args.index_codes, 64, 1000, args.k, np.random.default_rng(0))
+        path = RESULTS / "search_speed.json"
+        result = json.loads(path.read_text()) if path.exists() else {}
+        print(f"\nwritten to {write_result('search_speed', {**result, 'indexes': rows})}")
+        return
     sizes, n_queries = ([10_000, 100_000], 200) if args.small else ([10_000, 100_000, 1_000_000], 1000)
     rng = np.random.default_rng(0)
     rows = []
@@ -121,7 +186,9 @@ def main() -> None:
                              "million_codes_per_s": {m: round(r, 1) for m, r in rate.items()},
                              **({"identical_to_faiss": identical} if task == "top-100" else {})})
                 print(search_row(rows[-1]), flush=True)
-    print(f"\nwritten to {write_result('search_speed' + ('_small' if args.small else ''), {'rows': rows})}")
+    name = "search_speed" + ("_small" if args.small else "")
+    previous = json.loads((RESULTS / f"{name}.json").read_text()) if (RESULTS / f"{name}.json").exists() else {}
+    print(f"\nwritten to {write_result(name, {**previous, 'rows': rows})}")
 
 
 if __name__ == "__main__":

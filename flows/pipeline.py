@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import time
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from lifelong_hashing.config import Params, add_params_arguments, load_params, parse_overrides
+from lifelong_hashing.config import DaskConfig, Params, add_params_arguments, load_params, parse_overrides
+from lifelong_hashing.engine import sharding
 from lifelong_hashing.operations import pipeline
 from lifelong_hashing.operations.registry import Registry
 
@@ -42,14 +44,43 @@ def quarantine(arrival: pipeline.Arrival, params: Params, reason: str, reports: 
     return pipeline.quarantine(arrival, params.pipeline.quarantine, reason, reports, kind, errors)
 
 
+@task(name="shard batch", **STEP)
+def shard(registry: Registry, arrival: pipeline.Arrival, validation, params: Params) -> list[Path]:
+    return pipeline.shards_to_encode(registry, arrival, validation, params)
+
+
+@task(name="encode shard", **STEP)
+def encode_shard(state_dir: str, shard_file: str) -> str:
+    """On a Dask worker: a path in, a path out (arrays never travel through the scheduler)."""
+    return str(sharding.encode_shard(state_dir, shard_file))
+
+
+@flow(name="encode shards")
+def encode_shards(state_dir: str, shards: list[str]) -> list[str]:
+    """One mapped task per shard, on the task runner ``dask_runner`` gives this subflow."""
+    return [future.result() for future in encode_shard.map(unmapped(state_dir), shards)]
+
+
+def dask_runner(cfg: DaskConfig):
+    """Prefect's Dask task runner on ``pipeline.dask``: an existing scheduler, or a LocalCluster of
+    single-threaded worker processes (each task uses ``train.threads`` threads itself)."""
+    from prefect_dask import DaskTaskRunner
+
+    if cfg.address:
+        return DaskTaskRunner(address=cfg.address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
 @task(name="train", **STEP)
-def train(registry: Registry, arrival: pipeline.Arrival, validation, params: Params) -> pipeline.Candidate:
-    return pipeline.train(registry, arrival, validation, params)
+def train(registry: Registry, arrival: pipeline.Arrival, validation, params: Params,
+          shard_codes: list[Path] | None = None) -> pipeline.Candidate:
+    return pipeline.train(registry, arrival, validation, params, shard_codes)
 
 
 @task(name="export onnx", **STEP)
 def export(candidate: pipeline.Candidate, registry: Registry, params: Params) -> pipeline.Candidate:
-    return pipeline.export(candidate, registry, params.export)
+    return pipeline.export(candidate, registry, params.export, params.serving.index)
 
 
 @task(name="monitor", **STEP)
@@ -112,7 +143,17 @@ def process_batch(arrival: pipeline.Arrival, registry: Registry, params: Params)
             reason = "; ".join(f.line(validation.rows) for f in validation.failures)
             return _reject(arrival, params, f"validation failed: {reason}", [work / "validation"],
                            validation_html=validation.html_path)
-        candidate = train(registry, arrival, validation, params)
+        shards = shard(registry, arrival, validation, params)
+        if shards:
+            start = time.perf_counter()
+            encoded = encode_shards.with_options(task_runner=dask_runner(params.pipeline.dask))(
+                str(registry.state_dir), [str(p) for p in shards])
+            seconds = time.perf_counter() - start
+            logger.info("encoded %d shards on Dask in %.1f s", len(shards), seconds)
+            candidate = train(registry, arrival, validation, params, [Path(p) for p in encoded])
+            candidate.seconds["encode_shards"] = seconds
+        else:
+            candidate = train(registry, arrival, validation, params)
         candidate = export(candidate, registry, params)
         candidate = monitor(candidate, params)
         if candidate.alerts and params.pipeline.block_on_alerts:
@@ -139,7 +180,8 @@ def process_batch(arrival: pipeline.Arrival, registry: Registry, params: Params)
         shutil.rmtree(work, ignore_errors=True)
     publish_artifacts(candidate, registry, tag, version)
     return {"status": "promoted", "file": arrival.name, "kind": candidate.kind, "stage": candidate.stage,
-            "version": version, "tag": tag, "new_categories": candidate.new_categories}
+            "version": version, "tag": tag, "new_categories": candidate.new_categories,
+            "shards_on_dask": len(shards)}
 
 
 def _reject(arrival, params: Params, reason: str, reports: list[Path], validation_html: str | None = None,

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,3 +73,96 @@ def drop(src: Path, root: Path, name: str | None = None) -> Path:
     incoming = root / "incoming"
     incoming.mkdir(parents=True, exist_ok=True)
     return Path(shutil.copyfile(src, incoming / (name or src.name)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str, procs=()):
+    """``check()``'s first truthy value, polled each second; fails when a process in ``procs`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise AssertionError(f"{what}: {proc.args[:4]} exited with {proc.returncode}")
+        value = check()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One real ``prefect server start`` on loopback for the session (schedules need a real one;
+    in-process flow runs use it too): its API URL and the environment that reaches it."""
+    import httpx
+
+    home = tmp_path_factory.mktemp("prefect")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    url = f"http://127.0.0.1:{port}/api"
+
+    def healthy():
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    with open(home / "server.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                 "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(healthy, 180, "the Prefect server", [proc])
+        yield url, {**env, "PREFECT_API_URL": url}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(prefect_api):
+    """In-process flow runs of the session report to the session's Prefect server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_api[0]}):
+        yield
+
+
+def run(root: Path, **extra):
+    """One run of the pipeline flow on the pipeline under ``root``; its final Prefect state."""
+    from flows.pipeline import process_incoming
+
+    return process_incoming(PARAMS, settings(root, **extra), return_state=True)
+
+
+def snapshot(root: Path) -> dict:
+    """What must not change when a run fails: served version, git head, code store, DVC status."""
+    from lifelong_hashing.inference.versions import current_version
+    from lifelong_hashing.operations.registry import Registry
+
+    ws = Registry(root / "ws", str(root / "remote"))
+    return {"served": current_version(ws.models_dir), "head": ws.git("rev-parse", "HEAD").strip(),
+            "tags": ws.tags(), "codes": hashlib.sha256((ws.state_dir / "codes.npz").read_bytes()).hexdigest(),
+            "dvc_status": ws.dvc("status", "--json").strip(), "git_status": ws.git("status", "--porcelain")}
+
+
+@pytest.fixture(scope="session")
+def base_workspace(tmp_path_factory, stage_files, prefect_harness):
+    """A pipeline whose first version (stage 0) is served; tests work on copies of it."""
+    root = tmp_path_factory.mktemp("base")
+    drop(stage_files[0], root)
+    assert run(root).is_completed()
+    return root
+
+
+@pytest.fixture
+def workspace(base_workspace, tmp_path) -> Path:
+    root = tmp_path / "copy"
+    shutil.copytree(base_workspace, root, symlinks=True)
+    return root

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -19,58 +16,13 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from lifelong_hashing.inference.versions import current_version
 
-from .conftest import PARAMS, ROOT, drop, settings
+from .conftest import PARAMS, ROOT, drop, settings, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(check, timeout: float, what: str, procs=()):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in procs:
-            if proc.poll() is not None:
-                raise AssertionError(f"{what}: {proc.args[:4]} exited with {proc.returncode}")
-        value = check()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-@pytest.fixture
-def prefect_server(tmp_path):
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_UI_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/api"
-
-    def healthy():
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(healthy, 180, "the Prefect server", [proc])
-        yield url, env
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
-
-
-def test_scheduled_deployment_picks_up_a_dropped_batch(prefect_server, stage_files, tmp_path):
-    url, env = prefect_server
+def test_scheduled_deployment_picks_up_a_dropped_batch(prefect_api, stage_files, tmp_path):
+    url, env = prefect_api
     root = tmp_path / "pipeline"
     overrides = {**settings(root), "pipeline.schedule.interval_seconds": 5}
     args = [f"-S{k}={json.dumps(v)}" for k, v in overrides.items()]

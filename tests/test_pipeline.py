@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -18,9 +17,7 @@ import numpy as np
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline import process_incoming
 from lifelong_hashing.cli import main as lhash
 from lifelong_hashing.config import load_params
 from lifelong_hashing.engine.batch import Batch, load_batch, save_batch
@@ -30,27 +27,9 @@ from lifelong_hashing.engine.state import new_state
 from lifelong_hashing.inference.versions import current_version
 from lifelong_hashing.operations.registry import Registry
 
-from .conftest import PARAMS, ROOT, drop, settings
+from .conftest import PARAMS, ROOT, drop, run, settings, snapshot
 
-pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-def run(root: Path, **extra):
-    return process_incoming(PARAMS, settings(root, **extra), return_state=True)
-
-
-def snapshot(root: Path) -> dict:
-    """What must not change when a run fails: served version, git head, code store, DVC status."""
-    ws = Registry(root / "ws", str(root / "remote"))
-    return {"served": current_version(ws.models_dir), "head": ws.git("rev-parse", "HEAD").strip(),
-            "tags": ws.tags(), "codes": hashlib.sha256((ws.state_dir / "codes.npz").read_bytes()).hexdigest(),
-            "dvc_status": ws.dvc("status", "--json").strip(), "git_status": ws.git("status", "--porcelain")}
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
 
 
 def artifacts(state) -> dict[str, list]:
@@ -67,22 +46,6 @@ def linked_file(artifact) -> Path:
     """The local file a link artifact (markdown ``[text](file://...)``) points at."""
     (uri,) = re.findall(r"\((file://[^)]+)\)", artifact.data)
     return Path(uri.removeprefix("file://"))
-
-
-@pytest.fixture(scope="module")
-def base_workspace(tmp_path_factory, stage_files):
-    """A workspace whose first version (stage 0) is served; tests work on copies of it."""
-    root = tmp_path_factory.mktemp("base")
-    drop(stage_files[0], root)
-    assert run(root).is_completed()
-    return root
-
-
-@pytest.fixture
-def workspace(base_workspace, tmp_path) -> Path:
-    root = tmp_path / "copy"
-    shutil.copytree(base_workspace, root, symlinks=True)
-    return root
 
 
 def test_the_flow_serves_the_codes_lhash_run_trains(base_workspace):

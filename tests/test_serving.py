@@ -27,12 +27,14 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from lifelong_hashing.cli import main
-from lifelong_hashing.config import ExportConfig, load_params
+from lifelong_hashing.config import ExportConfig, IndexConfig, load_params
+from lifelong_hashing.engine.codestore import hamming_distances
 from lifelong_hashing.engine.datasets import load_dataset
 from lifelong_hashing.engine.runner import run_sequence
 from lifelong_hashing.engine.state import load_state
 from lifelong_hashing.inference import export as export_module
 from lifelong_hashing.inference.export import ExportError, publish
+from lifelong_hashing.inference.indexes import tie_aware_recall
 from lifelong_hashing.inference.onnx_runtime import new_session
 from lifelong_hashing.inference.retrieval import QueryError, RetrievalModel
 from lifelong_hashing.inference.versions import VersionError, current_version, list_versions, promote
@@ -141,6 +143,33 @@ def test_export_that_fails_parity_is_an_error_and_leaves_no_version(wiki, monkey
         publish(wiki["state"], tmp_path / "models", ExportConfig(int8_min_agreement=None))
     assert list_versions(tmp_path / "models") == []
     assert [p.name for p in (tmp_path / "models" / "versions").iterdir()] == []
+
+
+@pytest.mark.parametrize("kind", ["ivf", "multihash"])
+def test_an_approximate_index_is_built_at_export_versioned_and_served(wiki, tmp_path, kind):
+    """The version carries its index files and their measured recall; the model searches them,
+    and every hit it returns is at its true distance, as near as exact search finds."""
+    version = publish(wiki["state"], tmp_path / "models", ExportConfig(int8_min_agreement=None),
+                      index=IndexConfig(kind=kind, ivf_lists=16, ivf_probes=4))
+    entry = json.loads((version / "manifest.json").read_text())["index"]
+    assert entry["kind"] == kind and set(entry["modalities"]) == {"image", "text"}
+    for built in entry["modalities"].values():
+        assert (version / built["file"]).stat().st_size > 0 and built["build_seconds"] >= 0
+        assert 0.5 < built["recall_at_100"] <= 1.0, built
+    model = RetrievalModel(version)
+    assert model.info()["index"]["kind"] == kind
+    queries = wiki["data"].queries
+    x = model.features("text", queries.text[:50].tolist())
+    codes = model.encode("text", x)
+    idx, dist = model.top_k(codes, "image", 100, None)
+    _, exact = wiki["state"].store.search(codes, "image", 100)
+    true = hamming_distances(codes, wiki["state"].store.codes["image"])
+    found = idx >= 0
+    np.testing.assert_array_equal(np.take_along_axis(true, np.where(found, idx, 0), 1)[found], dist[found])
+    assert tie_aware_recall(exact, dist) > 0.5
+    served = model.search("text", x[:20], 5, None, ("image",))
+    ids = set(wiki["state"].store.ids)
+    assert any(r["image"] for r in served) and all(h["id"] in ids for r in served for h in r["image"])
 
 
 def test_text_query_returns_images_of_its_category(wiki, server):

@@ -142,7 +142,7 @@ def _production_command(args, params) -> int:
         from lifelong_hashing.engine.state import load_state
         from lifelong_hashing.inference.export import publish
 
-        version = publish(load_state(args.state), models, params.export)
+        version = publish(load_state(args.state), models, params.export, index=params.serving.index)
         manifest = json.loads((version / "manifest.json").read_text())
         for modality, entry in manifest["encoders"].items():
             p = entry["parity"]
@@ -151,6 +151,11 @@ def _production_command(args, params) -> int:
                 if int8 else ""
             print(f"{modality}: {version / entry['file']} parity max|diff| {p['max_abs_diff']:.2e}, "
                   f"bits {p['bit_agreement']:.2%}{extra}")
+        for modality, entry in manifest.get("index", {}).get("modalities", {}).items():
+            recall = next(f"{key.replace('_at_', '@')} {value:.4f}" for key, value in entry.items()
+                          if key.startswith("recall_at_"))
+            print(f"{modality} codes: {manifest['index']['kind']} index built in {entry['build_seconds']:.2f} s, "
+                  f"{recall} against exact search")
         if args.promote:
             versions.promote(models, version.name)
         print(f"published {version.name} (opset {manifest['opset']})" + (", promoted" if args.promote else ""))
@@ -211,13 +216,14 @@ def _search(args, params) -> None:
 
 
 def _search_state(state, args, features) -> list[dict]:
-    from lifelong_hashing.inference.retrieval import QueryError, search_hits
+    from lifelong_hashing.inference.retrieval import QueryError, as_hits
 
     if features is None:
         raise QueryError("a state folder answers feature queries only (--features-file)")
     x = np.atleast_2d(np.asarray(features, np.float32))
     other = "text" if args.modality == "image" else "image"
-    hits = search_hits(state.store, state.method.encode(args.modality, x), other, args.k, args.radius)
+    codes = state.method.encode(args.modality, x)
+    hits = as_hits(state.store, *state.store.search(codes, other, args.k, args.radius))
     return [{other: row} for row in hits]
 
 

@@ -148,6 +148,16 @@ class ExportConfig(_Strict):
     int8_min_agreement: float | None = Field(None, gt=0, le=1)  # null: no int8 copies (docs/serving.md: why)
 
 
+class IndexConfig(_Strict):
+    """The search structure served beside the exact code store, built at export (inference/indexes.py)."""
+
+    kind: Literal["flat", "multihash", "ivf"] = "flat"  # flat: exact; the others: faiss, approximate
+    ivf_lists: int = Field(1024, gt=0)  # inverted lists (at most one per 39 codes)
+    ivf_probes: int = Field(16, gt=0)  # lists scanned per query: recall against speed
+    multihash_tables: int = Field(3, gt=0)  # hash tables, each on bits // tables bits of the code
+    multihash_flips: int = Field(2, ge=0)  # bits flipped when probing a table's buckets
+
+
 class ServingConfig(_Strict):
     """The retrieval service (``lhash serve``) and what one client may take of it."""
 
@@ -165,6 +175,7 @@ class ServingConfig(_Strict):
     allowed_hosts: list[str] = ["127.0.0.1", "localhost", "::1"]  # Host header check; ["*"]: any
     api_key_env: str = "LHASH_API_KEY"  # when this variable is set, every path but /health needs it
     poll_seconds: float = Field(1.0, gt=0)
+    index: IndexConfig = IndexConfig()
 
 
 class ValidationConfig(_Strict):
@@ -203,6 +214,19 @@ class ScheduleConfig(_Strict):
     cron: str | None = None
 
 
+class DaskConfig(_Strict):
+    """Where the pipeline's data-parallel work runs (flows/pipeline.py): encoding the items of a
+    batch of known categories, shard by shard. Neither set: in the flow's own process."""
+
+    address: str | None = None  # an existing Dask scheduler, e.g. tcp://10.0.0.5:8786
+    workers: int = Field(0, ge=0)  # else a LocalCluster of this many worker processes, for the run
+    shard_rows: int = Field(65_536, gt=0)  # rows per shard (rounded up to whole encoder blocks)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.address) or self.workers > 0
+
+
 class PipelineConfig(_Strict):
     """The operational pipeline (``flows/``): where batches arrive, where rejected ones go, and
     the git + DVC repository that keeps every promoted version."""
@@ -216,6 +240,7 @@ class PipelineConfig(_Strict):
     lock_timeout_seconds: float = Field(600.0, ge=0)  # how long a run waits for another to finish
     push_retries: int = Field(3, ge=0)
     max_attempts: int = Field(3, gt=0)  # runs a batch may fail for reasons not its own before it is poison
+    dask: DaskConfig = DaskConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
 

@@ -169,11 +169,12 @@ def _validate(b: Batch) -> None:
                          f"{int(unlabeled.sum())} rows without any label (first id {b.ids[unlabeled][0]!r})")
 
 
-def save_batch(batch: Batch, path: str | os.PathLike) -> Path:
-    """Atomic (a crash never leaves a half-written batch) and byte stable (``files.write_npz``)."""
+def save_batch(batch: Batch, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Atomic (a crash never leaves a half-written batch) and byte stable (``files.write_npz``).
+    Uncompressed for scratch files read back at once (shards): deflate is the slow part."""
     return write_npz(path, {"ids": batch.ids, "image": batch.image, "text": batch.text, "labels": batch.labels,
                             "categories": np.asarray(batch.categories, dtype=str),
-                            "new_categories": np.asarray(batch.new_categories, dtype=str)}, compress=True)
+                            "new_categories": np.asarray(batch.new_categories, dtype=str)}, compress=compress)
 
 
 def npz_headers(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -146,7 +146,7 @@ class CodeStore:
         if modality not in self._derived:
             index = faiss.IndexBinaryFlat(self.bits)
             index.use_heap = False
-            index.add(_faiss_bytes(self.codes[modality], self.bits))
+            index.add(faiss_bytes(self.codes[modality], self.bits))
             self._derived[modality] = index
         return self._derived[modality]
 
@@ -186,7 +186,7 @@ class CodeStore:
             idx, top = hamming_topk_kernel(np.ascontiguousarray(query_codes), self._columns(modality), reach,
                                            self.bits, 16, 1024)
         else:
-            top, idx = self._index(modality).search(_faiss_bytes(query_codes, self.bits), reach)
+            top, idx = self._index(modality).search(faiss_bytes(query_codes, self.bits), reach)
             top, idx = top.astype(np.int32), idx.astype(np.int64)
         if radius is not None:
             far = top > radius
@@ -232,6 +232,6 @@ def words_from_bytes(packed_bytes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.pad(packed_bytes, ((0, 0), (0, pad)))).view("<u8")
 
 
-def _faiss_bytes(words: np.ndarray, bits: int) -> np.ndarray:
+def faiss_bytes(words: np.ndarray, bits: int) -> np.ndarray:
     """The K/8 code bytes faiss expects (little-endian words: the first bytes hold the bits)."""
     return np.ascontiguousarray(np.ascontiguousarray(words).view(np.uint8)[:, : bits // 8])

@@ -87,10 +87,11 @@ def learn_stage(state: RunState, stage: Stage, queries: Batch) -> dict:
     return {**record, **timing}
 
 
-def append_known(state: RunState, batch: Batch, queries: Batch) -> dict:
-    """Encode a batch of known categories with the current encoders and add its codes to the
-    store (no training); the latest stage's evaluation is refreshed to the grown database."""
-    state.method.append(batch, state.store)
+def append_known(state: RunState, batch: Batch, queries: Batch, codes: dict[str, np.ndarray] | None = None) -> dict:
+    """Encode a batch of known categories with the current encoders (or take its ``codes``,
+    encoded elsewhere) and add them to the store (no training); the latest stage's evaluation
+    is refreshed to the grown database."""
+    state.method.append(batch, state.store, codes)
     record = state.history[-1]
     record.update(evaluate_stage(state.method, state.store, queries, stage_groups(state), state.params))
     record["database_size"] = len(state.store)

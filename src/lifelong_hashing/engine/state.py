@@ -99,8 +99,7 @@ def save_state(state: RunState, directory: str | Path) -> Path:
     return directory
 
 
-def load_state(directory: str | Path) -> RunState:
-    directory = Path(directory)
+def _read_record(directory: Path) -> tuple[dict, Params, dict]:
     try:
         record = json.loads((directory / "state.json").read_text())
         params = Params.model_validate(record["params"])
@@ -109,8 +108,25 @@ def load_state(directory: str | Path) -> RunState:
         raise StateError(f"{directory}: not a state directory (missing {Path(err.filename).name})") from err
     except (json.JSONDecodeError, KeyError, ValueError) as err:
         raise StateError(f"{directory}: unreadable state: {err}") from err
+    return record, params, meta
+
+
+def load_method(directory: str | Path) -> Method:
+    """A state's trained method alone: what encoding needs, without the code store (a worker
+    encoding shards of a batch)."""
+    return _restore_method(Path(directory), *_read_record(Path(directory)))
+
+
+def _restore_method(directory: Path, record: dict, params: Params, meta: dict) -> Method:
     method = create_method(record["method"], params, tuple(meta["image_shape"]), meta["text_dim"])
     method.restore(directory / "model")
+    return method
+
+
+def load_state(directory: str | Path) -> RunState:
+    directory = Path(directory)
+    record, params, meta = _read_record(directory)
+    method = _restore_method(directory, record, params, meta)
     store = CodeStore.load(directory / "codes.npz")
     if len(store.categories) != len(method.categories):
         raise StateError(f"{directory}: code store and model disagree on the vocabulary")

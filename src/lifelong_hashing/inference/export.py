@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from lifelong_hashing import __version__
-from lifelong_hashing.config import ExportConfig
+from lifelong_hashing.config import ExportConfig, IndexConfig
 from lifelong_hashing.engine.codestore import MODALITIES, pack_codes, words_from_bytes
 from lifelong_hashing.engine.methods import Method
 from lifelong_hashing.engine.state import RunState
 from lifelong_hashing.files import write_json
+from lifelong_hashing.inference.indexes import build_indexes
 from lifelong_hashing.inference.versions import VersionError, list_versions, version_name, version_number, versions_dir
 
 OPSET = 18
@@ -187,9 +188,10 @@ def export_method(method: Method, out_dir: Path, *, model_version: str, int8_min
     return report
 
 
-def publish(state: RunState, models_dir: str | Path, cfg: ExportConfig, number: int | None = None) -> Path:
+def publish(state: RunState, models_dir: str | Path, cfg: ExportConfig, number: int | None = None,
+            index: IndexConfig | None = None) -> Path:
     """Export a state's encoders and code store as version ``number`` (default: the next one),
-    not yet promoted."""
+    not yet promoted, with the approximate search ``index`` (``serving.index``) when not flat."""
     root = versions_dir(models_dir)
     root.mkdir(parents=True, exist_ok=True)
     existing = list_versions(models_dir)
@@ -200,6 +202,8 @@ def publish(state: RunState, models_dir: str | Path, cfg: ExportConfig, number: 
     try:
         report = export_method(state.method, tmp, model_version=name, int8_min_agreement=cfg.int8_min_agreement)
         state.store.save(tmp / "codes.npz")
+        if index is not None and index.kind != "flat":
+            report["index"] = build_indexes(state.store, index, tmp)
         method = state.method
         manifest = {
             "version": name, "project_version": __version__,

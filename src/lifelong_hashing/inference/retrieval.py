@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from lifelong_hashing.engine.codestore import MODALITIES, CodeStore, CodeStoreError, words_from_bytes
+from lifelong_hashing.inference.indexes import load_indexes, search_index
 from lifelong_hashing.inference.onnx_runtime import execution_providers, new_session
 
 
@@ -60,6 +61,7 @@ class RetrievalModel:
             self.sessions = {m: new_session(self.path / encoders[m].get("int8", {}).get("file", encoders[m]["file"]))
                              for m in MODALITIES}
             self.input_shapes = {m: tuple(encoders[m]["input_shape"]) for m in MODALITIES}
+            self.indexes = load_indexes(self.path, self.manifest["index"]) if "index" in self.manifest else None
         except (OSError, KeyError, ValueError, CodeStoreError) as err:
             raise ModelLoadError(f"{self.path}: cannot load model version: {err}") from err
         except Exception as err:  # onnxruntime raises its own types for a bad model file
@@ -88,7 +90,7 @@ class RetrievalModel:
             try:
                 codes = self.encode(m, np.zeros((1, *self.input_shapes[m]), np.float32))
                 if len(self.store):
-                    self.store.search(codes, m, 1)
+                    self.top_k(codes, m, 1, None)
             except Exception as err:  # noqa: BLE001 - any failure here means the version is unusable
                 raise ModelLoadError(f"{self.path}: {m} encoder fails on a test input: {err}") from err
 
@@ -96,7 +98,8 @@ class RetrievalModel:
         return {"model_version": self.version, "method": self.manifest["method"], "bits": self.bits,
                 "categories": list(self.store.categories), "database_size": len(self.store),
                 "stage": self.manifest["stage"], "input_shapes": {m: list(s) for m, s in self.input_shapes.items()},
-                "text_vocabulary": self.vocabulary is not None, "providers": list(execution_providers())}
+                "text_vocabulary": self.vocabulary is not None, "providers": list(execution_providers()),
+                "index": self.manifest.get("index", {"kind": "flat"})}
 
     def features(self, modality: str, features=None, words: list[list[str]] | None = None) -> np.ndarray:
         """Validate a query's inputs into a float32 array the encoder accepts."""
@@ -143,15 +146,21 @@ class RetrievalModel:
         codes = self.encode(modality, x)
         results: list[dict[str, list[dict]]] = [{} for _ in range(len(x))]
         for target in targets:
-            for q, hits in enumerate(search_hits(self.store, codes, target, k, radius)):
+            for q, hits in enumerate(as_hits(self.store, *self.top_k(codes, target, k, radius))):
                 results[q][target] = hits
         return results
 
+    def top_k(self, codes: np.ndarray, target: str, k: int, radius: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """(indices, distances) of the ``target`` codes nearest each query: on the version's
+        approximate index when it has one, else exact."""
+        if self.indexes is None:
+            return self.store.search(codes, target, k, radius)
+        return search_index(self.indexes[target], codes, self.bits, k, radius)
 
-def search_hits(store: CodeStore, codes: np.ndarray, target: str, k: int, radius: int | None) -> list[list[dict]]:
-    """Code store top-k as hits {id, distance, stage, labels}, one list per query. Columns are
+
+def as_hits(store: CodeStore, idx: np.ndarray, dist: np.ndarray) -> list[list[dict]]:
+    """Top-k rows as hits {id, distance, stage, labels}, one list per query. Columns are
     gathered with numpy; an item's label names come from one list per distinct label set."""
-    idx, dist = store.search(codes, target, k, radius)
     names, label_set = store.label_sets()
     found = idx >= 0
     rows = idx[found]

@@ -32,11 +32,12 @@ from pathlib import Path
 
 import yaml
 
-from lifelong_hashing.config import ExportConfig, MonitoringConfig, Params, ValidationConfig
+from lifelong_hashing.config import ExportConfig, IndexConfig, MonitoringConfig, Params, ValidationConfig
 from lifelong_hashing.engine.batch import Batch, BatchError, load_batch
 from lifelong_hashing.engine.datasets import load_dataset
 from lifelong_hashing.engine.metrics import DIRECTIONS
 from lifelong_hashing.engine.runner import append_known, history_summary, learn_stage, write_plots
+from lifelong_hashing.engine.sharding import read_shard_codes, write_shards
 from lifelong_hashing.engine.stages import Stage
 from lifelong_hashing.engine.state import RunState, load_state, new_state, save_state, timings_path
 from lifelong_hashing.files import sha256_of, write_json
@@ -238,12 +239,26 @@ def _average_map(record: dict) -> dict:
     return {d: float(record[d]["map_all"]) for d in DIRECTIONS}
 
 
-def train(registry: Registry, arrival: Arrival, validation: ValidationResult, params: Params) -> Candidate:
-    """A batch with new categories is a lifelong increment (the configured method trains on it);
-    a batch of known categories is encoded and appended, with no training. Either way the new
-    state is evaluated on the held-out queries and saved into the work folder."""
+def shards_to_encode(registry: Registry, arrival: Arrival, validation: ValidationResult,
+                     params: Params) -> list[Path]:
+    """The shard files of a batch that appends to the database, for workers to encode; none when
+    it trains (new categories, or no model yet) or when ``pipeline.dask`` keeps work in process."""
     state = current_state(registry)
-    batch = load_batch(arrival.path, params.validation.max_rows, params.validation.max_bytes)  # as validated
+    if not params.pipeline.dask.enabled or validation.new_categories or state is None:
+        return []
+    batch = _accepted_batch(arrival, params).for_model(state.method.categories)
+    batch = batch.with_categories(state.method.categories)
+    return write_shards(batch, registry.batch_work_dir(arrival.key) / "shards", params.pipeline.dask.shard_rows)
+
+
+def train(registry: Registry, arrival: Arrival, validation: ValidationResult, params: Params,
+          shard_codes: list[Path] | None = None) -> Candidate:
+    """A batch with new categories is a lifelong increment (the configured method trains on it);
+    a batch of known categories is encoded and appended, with no training (``shard_codes``: its
+    codes, encoded by workers from ``shards_to_encode``). Either way the new state is evaluated
+    on the held-out queries and saved into the work folder."""
+    state = current_state(registry)
+    batch = _accepted_batch(arrival, params)
     if state is None:
         state = new_state(params, batch.image.shape[1:], batch.text.shape[1])
     before = _average_map(state.history[-1]) if state.history else None
@@ -255,7 +270,7 @@ def train(registry: Registry, arrival: Arrival, validation: ValidationResult, pa
         record = learn_stage(state, stage, queries)
         kind = "increment"
     else:
-        record = append_known(state, batch, queries)
+        record = append_known(state, batch, queries, read_shard_codes(shard_codes) if shard_codes else None)
         kind = "append"
     work = registry.batch_work_dir(arrival.key)
     save_state(state, work / "state")
@@ -265,13 +280,19 @@ def train(registry: Registry, arrival: Arrival, validation: ValidationResult, pa
                      validation_dir=str(work / "validation"))
 
 
-def export(candidate: Candidate, registry: Registry, config: ExportConfig) -> Candidate:
-    """ONNX encoders with parity checks and the code store, as the next version (not promoted)."""
+def _accepted_batch(arrival: Arrival, params: Params) -> Batch:
+    """The batch file as validation read it (same row and size limits)."""
+    return load_batch(arrival.path, params.validation.max_rows, params.validation.max_bytes)
+
+
+def export(candidate: Candidate, registry: Registry, config: ExportConfig, index: IndexConfig) -> Candidate:
+    """ONNX encoders with parity checks, the code store and its search index (``serving.index``),
+    as the next version (not promoted)."""
     from lifelong_hashing.inference.export import publish
 
     start = time.perf_counter()
     version = publish(load_state(candidate.state_dir), candidate.work / "models", config,
-                      number=registry.next_number())
+                      number=registry.next_number(), index=index)
     candidate.version_dir = str(version)
     candidate.seconds["export"] = time.perf_counter() - start
     return candidate

@@ -29,7 +29,7 @@ from lifelong_hashing.engine.methods.memory import ExemplarMemory
 from lifelong_hashing.engine.stages import Stage
 from lifelong_hashing.files import atomic_write, write_json, write_npz
 
-_ENCODE_BLOCK = 4096
+ENCODE_BLOCK = 4096
 
 
 @dataclass
@@ -114,11 +114,13 @@ class Method:
         batch = stage.batch
         store.append(batch.ids, stage.index, batch.labels, stage.categories, self.database_codes(batch))
 
-    def append(self, batch: Batch, store: CodeStore) -> None:
+    def append(self, batch: Batch, store: CodeStore, codes: dict[str, np.ndarray] | None = None) -> None:
         """Add items of known categories to the database without training (the pipeline's
-        append of a batch that declares no new category)."""
+        append of a batch that declares no new category). ``codes``: their ``database_codes``,
+        when computed elsewhere (shard by shard on Dask workers)."""
         aligned = batch.with_categories(self.categories)
-        store.append(aligned.ids, self.stage, aligned.labels, self.categories, self.database_codes(aligned))
+        store.append(aligned.ids, self.stage, aligned.labels, self.categories,
+                     codes if codes is not None else self.database_codes(aligned))
 
     # ---- shared machinery ----------------------------------------------------------------
     def _new_encoders(self) -> tuple[nn.Module, nn.Module]:
@@ -177,8 +179,8 @@ class Method:
         net.eval()
         out = []
         with torch.no_grad(), self.autocast():
-            for s in range(0, len(features), _ENCODE_BLOCK):
-                out.append(net(self.tensor(features[s: s + _ENCODE_BLOCK])).float().cpu().numpy())
+            for s in range(0, len(features), ENCODE_BLOCK):
+                out.append(net(self.tensor(features[s: s + ENCODE_BLOCK])).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.bits), np.float32)
 
     def encode(self, modality: str, features: np.ndarray) -> np.ndarray:

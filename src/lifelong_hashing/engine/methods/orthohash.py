@@ -89,8 +89,8 @@ class Joint(CodebookMethod):
             store.overwrite(old.ids, self.database_codes(old))
         super().write_codes(stage, store)
 
-    def append(self, batch: Batch, store: CodeStore) -> None:
-        super().append(batch, store)
+    def append(self, batch: Batch, store: CodeStore, codes: dict[str, np.ndarray] | None = None) -> None:
+        super().append(batch, store, codes)
         self.seen.append(batch.with_categories(self.categories))
 
     def save(self, directory: Path) -> None:

@@ -1,0 +1,62 @@
+"""A batch cut into shards on disk, encoded in other processes (the pipeline's Dask path).
+
+A shard is a batch file of a slice of the rows (features in); its codes come back as an npz of
+packed codes (out). Tasks pass these paths, never arrays: a task's arguments and results travel
+through the scheduler, where large arrays are slow and memory-hungry. Slices start at multiples
+of the encoders' block (``ENCODE_BLOCK`` rows), so each row goes through the encoders in the same
+block as in one process; with the same thread count (``train.threads``, set when the model
+loads) the bits are the same, which the tests check.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from lifelong_hashing.engine.batch import Batch, load_batch, save_batch
+from lifelong_hashing.engine.codestore import MODALITIES
+from lifelong_hashing.engine.methods.base import ENCODE_BLOCK
+from lifelong_hashing.files import write_npz
+
+
+def shard_bounds(rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
+    """[start, stop) of each shard: ``rows_per_shard`` rounded up to whole encoder blocks."""
+    size = -(-max(rows_per_shard, 1) // ENCODE_BLOCK) * ENCODE_BLOCK
+    return [(start, min(rows, start + size)) for start in range(0, rows, size)]
+
+
+def write_shards(batch: Batch, out_dir: str | Path, rows_per_shard: int) -> list[Path]:
+    """The batch's rows as shard files ``shard-00000.npz``, … in ``out_dir``, in row order."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [save_batch(batch.subset(np.arange(start, stop)), out_dir / f"shard-{i:05d}.npz", compress=False)
+            for i, (start, stop) in enumerate(shard_bounds(len(batch), rows_per_shard))]
+
+
+def encode_shard(state_dir: str | Path, shard: str | Path) -> Path:
+    """The database codes of one shard's items, as the method of the state at ``state_dir``
+    stores them, written beside the shard (``shard-00000.codes.npz``); returns that path."""
+    method = _method(str(state_dir), _fingerprint(Path(state_dir) / "model"))
+    codes = method.database_codes(load_batch(shard))
+    return write_npz(Path(shard).with_suffix(".codes.npz"), {m: codes[m] for m in MODALITIES})
+
+
+def read_shard_codes(paths: list[str | Path]) -> dict[str, np.ndarray]:
+    """The shards' codes joined in order: what encoding the whole batch in one process gives."""
+    parts = [np.load(p) for p in paths]
+    return {m: np.concatenate([part[m] for part in parts]) for m in MODALITIES}
+
+
+@functools.lru_cache(maxsize=2)
+def _method(state_dir: str, fingerprint: tuple):
+    """One load per worker process and model: a worker encodes many shards of one batch. The
+    fingerprint is part of the key: a state saved anew at the same path is a new model."""
+    from lifelong_hashing.engine.state import load_method
+
+    return load_method(state_dir)
+
+
+def _fingerprint(model_dir: Path) -> tuple:
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.iterdir()))

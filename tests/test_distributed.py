@@ -1,0 +1,108 @@
+"""The pipeline's Dask path (prefect-dask) on real LocalClusters of 2 worker processes: an append
+batch encoded shard by shard gives the code store that one process gives, bit for bit, and a
+worker killed mid-run leaves the served version as it was and the batch for the next run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from lifelong_hashing.engine.batch import Batch, load_batch, save_batch
+from lifelong_hashing.engine.codestore import CodeStore
+from lifelong_hashing.engine.state import load_state
+from lifelong_hashing.inference.versions import current_dir, current_version
+from lifelong_hashing.operations.registry import Registry
+
+from .conftest import drop, run, snapshot
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
+SHARD_ROWS = 4096  # one encoder block: the batch below makes 3 shards
+
+
+def known_batch(stage_file, root, copies: int = 10) -> Batch:
+    """Stage-0 items again under new ids (known categories only: an append), ~9,000 rows."""
+    stage0 = load_batch(stage_file)
+    rows = np.tile(np.arange(len(stage0)), copies)
+    ids = np.char.add(np.char.add("copy-", (np.arange(len(rows)) // len(stage0)).astype(str)),
+                      np.char.add("-", stage0.ids[rows]))
+    batch = Batch(ids, stage0.image[rows], stage0.text[rows], stage0.labels[rows], stage0.categories)
+    path = save_batch(batch, root / "known.npz")
+    return load_batch(path)
+
+
+def in_process_store(workspace, batch: Batch) -> CodeStore:
+    """What the in-process append gives: the served state's method encoding the whole batch."""
+    state = load_state(Registry(workspace / "ws", str(workspace / "remote")).state_dir)
+    state.method.append(batch.for_model(state.method.categories), state.store)
+    return state.store
+
+
+def served_store(workspace) -> CodeStore:
+    return CodeStore.load(current_dir(workspace / "ws" / "models") / "codes.npz")
+
+
+def test_an_append_encoded_on_a_local_cluster_equals_the_in_process_codes(workspace, stage_files):
+    batch = known_batch(stage_files[0], workspace)
+    expected = in_process_store(workspace, batch)
+    drop(workspace / "known.npz", workspace)
+    state = run(workspace, **{"pipeline.dask.workers": 2, "pipeline.dask.shard_rows": SHARD_ROWS})
+    assert state.is_completed(), state.message
+    (outcome,) = state.result()
+    assert outcome["kind"] == "append" and outcome["version"] == "v0002" and outcome["shards_on_dask"] == 3
+    served = served_store(workspace)
+    assert len(served) == len(expected) == 902 + len(batch)
+    np.testing.assert_array_equal(served.ids, expected.ids)
+    for modality in ("image", "text"):
+        np.testing.assert_array_equal(served.codes[modality], expected.codes[modality])
+
+
+def test_a_worker_killed_mid_run_keeps_the_served_version_and_the_batch_is_retried(workspace, stage_files):
+    import dask
+    from distributed import Client, LocalCluster
+
+    batch = known_batch(stage_files[0], workspace, copies=20)
+    expected = in_process_store(workspace, batch)
+    drop(workspace / "known.npz", workspace)
+    before = snapshot(workspace)
+    # No silent re-run on another worker: the kill must fail the run, as on a cluster that keeps
+    # losing workers, so that the pipeline's own retry is what is tested.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        dask_settings = {"pipeline.dask.address": cluster.scheduler_address, "pipeline.dask.shard_rows": SHARD_ROWS}
+        outcome: dict = {}
+        runner = threading.Thread(target=lambda: outcome.setdefault("state", run(workspace, **dask_settings)))
+        runner.start()
+        killed = kill_a_busy_worker(client, timeout=240)
+        runner.join(600)
+        assert killed, "no shard task was seen running on a worker"
+        state = outcome["state"]
+        assert state.is_failed() and "KilledWorker" in state.message, state.message
+        assert snapshot(workspace) == before
+        assert current_version(workspace / "ws" / "models") == "v0001"
+        assert [p.name for p in (workspace / "incoming").iterdir()] == ["known.npz"]
+        client.wait_for_workers(2, timeout=120)  # the nanny restarted the killed one
+        state = run(workspace, **dask_settings)
+    assert state.is_completed(), state.message
+    served = served_store(workspace)
+    np.testing.assert_array_equal(served.ids, expected.ids)
+    for modality in ("image", "text"):
+        np.testing.assert_array_equal(served.codes[modality], expected.codes[modality])
+
+
+def kill_a_busy_worker(client, timeout: float) -> bool:
+    """SIGKILL the process of the first worker seen running a task."""
+    pids = client.run(os.getpid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = [worker for worker, tasks in client.processing().items() if tasks]
+        if busy:
+            os.kill(pids[busy[0]], signal.SIGKILL)
+            return True
+        time.sleep(0.02)
+    return False
