@@ -86,7 +86,7 @@ def one(size: int, workers: int, state_dir: Path, work: Path) -> dict:
     from distributed import Client, LocalCluster
     from prefect import flow
 
-    from flows.pipeline import encode_shards
+    from flows.pipeline import encode_shards, on_dask
 
     flow(lambda: None, name="warm-up")()  # the temporary Prefect server starts here, untimed
     start = time.perf_counter()
@@ -98,7 +98,7 @@ def one(size: int, workers: int, state_dir: Path, work: Path) -> dict:
             began = time.perf_counter()
             shards = write_shards(batch, work / f"shards-{size}-{workers}-{attempt}", SHARD_ROWS)
             shard_seconds = time.perf_counter() - began
-            runner = encode_shards.with_options(task_runner=dask_runner(cluster.scheduler_address))
+            runner = on_dask(encode_shards, cluster.scheduler_address)
             codes = read_shard_codes(runner(str(state_dir), [str(p) for p in shards]))
             runs.append((time.perf_counter() - began, shard_seconds, digest(codes)))
         worker_peaks = sorted(client.run(peak_mb).values())
@@ -109,13 +109,6 @@ def one(size: int, workers: int, state_dir: Path, work: Path) -> dict:
     return {"seconds": cold + cluster_seconds, "warm_seconds": warm, "cluster_start_seconds": cluster_seconds,
             "shard_write_seconds": shard_seconds, "shards": len(shards), "peak_mb": peak_mb(),
             "worker_peak_mb": worker_peaks, "codes": codes, **({"task_overhead_ms": overhead} if overhead else {})}
-
-
-def dask_runner(address: str):
-    from flows.pipeline import dask_runner as runner
-    from lifelong_hashing.config import DaskConfig
-
-    return runner(DaskConfig(address=address))
 
 
 def task_overhead(address: str, tasks: int = 64) -> float:
@@ -130,9 +123,11 @@ def task_overhead(address: str, tasks: int = 64) -> float:
     def many(n: int) -> list[int]:
         return [f.result() for f in nothing.map(range(n))]
 
-    many.with_options(task_runner=dask_runner(address))(4)  # workers import Prefect once
+    from flows.pipeline import on_dask
+
+    on_dask(many, address)(4)  # workers import Prefect once
     start = time.perf_counter()
-    many.with_options(task_runner=dask_runner(address))(tasks)
+    on_dask(many, address)(tasks)
     return round((time.perf_counter() - start) / tasks * 1000, 1)
 
 

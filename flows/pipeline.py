@@ -11,6 +11,7 @@ Without ``PREFECT_API_URL`` a run starts Prefect's temporary local server by its
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
 import sys
 import time
@@ -20,8 +21,10 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from lifelong_hashing.config import DaskConfig, Params, add_params_arguments, load_params, parse_overrides
+from lifelong_hashing.config import DaskConfig, EvalConfig, Params, add_params_arguments, load_params, parse_overrides
 from lifelong_hashing.engine import sharding
+from lifelong_hashing.engine.metrics import query_scores
+from lifelong_hashing.engine.runner import Scorer
 from lifelong_hashing.operations import pipeline
 from lifelong_hashing.operations.registry import Registry
 
@@ -57,25 +60,79 @@ def encode_shard(state_dir: str, shard_file: str) -> str:
 
 @flow(name="encode shards")
 def encode_shards(state_dir: str, shards: list[str]) -> list[str]:
-    """One mapped task per shard, on the task runner ``dask_runner`` gives this subflow."""
+    """One mapped task per shard, on the task runner its caller gives this subflow."""
     return [future.result() for future in encode_shard.map(unmapped(state_dir), shards)]
 
 
-def dask_runner(cfg: DaskConfig):
-    """Prefect's Dask task runner on ``pipeline.dask``: an existing scheduler, or a LocalCluster of
-    single-threaded worker processes (each task uses ``train.threads`` threads itself)."""
+@task(name="score shard", **STEP)
+def score_shard(database: str, shard_file: str, cfg: EvalConfig) -> str:
+    return str(sharding.score_shard(database, shard_file, cfg))
+
+
+@flow(name="score shards")
+def score_shards(database: str, shards: list[str], cfg: EvalConfig) -> list[str]:
+    return [future.result() for future in score_shard.map(unmapped(database), shards, unmapped(cfg))]
+
+
+class DaskCluster:
+    """``pipeline.dask`` for one run: the scheduler at ``address``, or a LocalCluster of
+    ``workers`` single-threaded processes started at first use and closed with the run (each
+    task runs ``train.threads`` torch threads itself). Tasks get the scheduler's address, a
+    string: a task's parameters travel with every task it submits."""
+
+    def __init__(self, cfg: DaskConfig):
+        self.cfg, self._local = cfg, None
+
+    def address(self) -> str:
+        if self.cfg.address:
+            return self.cfg.address
+        if self._local is None:
+            from distributed import LocalCluster
+
+            self._local = LocalCluster(n_workers=self.cfg.workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=None)
+        return self._local.scheduler_address
+
+    def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+
+
+def on_dask(subflow, address: str):
+    """``subflow`` with its mapped tasks sent to the Dask scheduler at ``address``."""
     from prefect_dask import DaskTaskRunner
 
-    if cfg.address:
-        return DaskTaskRunner(address=cfg.address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None})
+    return subflow.with_options(task_runner=DaskTaskRunner(address=address))
+
+
+def encode_on_dask(address: str, registry: Registry, shards: list[Path]) -> list[Path]:
+    """The shards' code files, encoded by the ``encode shards`` subflow on the cluster."""
+    start = time.perf_counter()
+    encoded = on_dask(encode_shards, address)(str(registry.state_dir), [str(p) for p in shards])
+    get_run_logger().info("encoded %d shards on Dask in %.1f s", len(shards), time.perf_counter() - start)
+    return [Path(p) for p in encoded]
+
+
+def dask_scorer(address: str, work: Path, rows: int) -> Scorer:
+    """Evaluation's per-query scores, by query shards of ``rows`` on the cluster."""
+    calls = itertools.count()
+
+    def score(q_codes, db_codes, q_labels, db_labels, cfg: EvalConfig) -> dict:
+        database, shards = sharding.write_query_shards(q_codes, q_labels, db_codes, db_labels,
+                                                       work / f"scoring-{next(calls)}", rows)
+        return sharding.read_shard_scores(on_dask(score_shards, address)(str(database), [str(p) for p in shards], cfg))
+
+    return score
 
 
 @task(name="train", **STEP)
 def train(registry: Registry, arrival: pipeline.Arrival, validation, params: Params,
-          shard_codes: list[Path] | None = None) -> pipeline.Candidate:
-    return pipeline.train(registry, arrival, validation, params, shard_codes)
+          shard_codes: list[Path] | None = None, dask_address: str | None = None) -> pipeline.Candidate:
+    """Evaluated by query shards on the Dask scheduler at ``dask_address``, when given."""
+    scorer = (dask_scorer(dask_address, registry.batch_work_dir(arrival.key) / "scoring",
+                          params.pipeline.dask.query_shard_rows) if dask_address else query_scores)
+    return pipeline.train(registry, arrival, validation, params, shard_codes, scorer)
 
 
 @task(name="export onnx", **STEP)
@@ -120,10 +177,14 @@ def process_incoming(params_path: str = "params.yaml", overrides: dict | None = 
                         pipeline.printable(arrival.name), entry.get("tag", "-"),
                         pipeline.printable(str(entry.get("name"))))
             pipeline.retire(arrival)
-        for arrival in found.pending:
-            outcomes.append(process_batch(arrival, registry, params))
-            if outcomes[-1]["status"] != "failed":  # promoted or quarantined: its failures are history
-                pipeline.forget_attempts(registry, arrival)
+        cluster = DaskCluster(params.pipeline.dask)  # started only if a batch has work for it
+        try:
+            for arrival in found.pending:
+                outcomes.append(process_batch(arrival, registry, params, cluster))
+                if outcomes[-1]["status"] != "failed":  # promoted or quarantined: its failures are history
+                    pipeline.forget_attempts(registry, arrival)
+        finally:
+            cluster.close()
     if not found.pending:
         logger.info("incoming: nothing new in %s", params.pipeline.incoming)
     problems = [f"{pipeline.printable(o['file'])}: {o['reason']}" for o in outcomes if o["status"] != "promoted"]
@@ -132,7 +193,7 @@ def process_incoming(params_path: str = "params.yaml", overrides: dict | None = 
     return outcomes
 
 
-def process_batch(arrival: pipeline.Arrival, registry: Registry, params: Params) -> dict:
+def process_batch(arrival: pipeline.Arrival, registry: Registry, params: Params, cluster: DaskCluster) -> dict:
     """Validate, train, export, monitor, record and promote one batch. A defect of the batch
     quarantines it now; any other failure leaves it for the next run, until it is poison."""
     logger = get_run_logger()
@@ -144,16 +205,13 @@ def process_batch(arrival: pipeline.Arrival, registry: Registry, params: Params)
             return _reject(arrival, params, f"validation failed: {reason}", [work / "validation"],
                            validation_html=validation.html_path)
         shards = shard(registry, arrival, validation, params)
+        address = cluster.address() if params.pipeline.dask.enabled else None
+        start = time.perf_counter()
+        shard_codes = encode_on_dask(address, registry, shards) if shards else None
+        encode_seconds = time.perf_counter() - start
+        candidate = train(registry, arrival, validation, params, shard_codes, address)
         if shards:
-            start = time.perf_counter()
-            encoded = encode_shards.with_options(task_runner=dask_runner(params.pipeline.dask))(
-                str(registry.state_dir), [str(p) for p in shards])
-            seconds = time.perf_counter() - start
-            logger.info("encoded %d shards on Dask in %.1f s", len(shards), seconds)
-            candidate = train(registry, arrival, validation, params, [Path(p) for p in encoded])
-            candidate.seconds["encode_shards"] = seconds
-        else:
-            candidate = train(registry, arrival, validation, params)
+            candidate.seconds["encode_shards"] = encode_seconds
         candidate = export(candidate, registry, params)
         candidate = monitor(candidate, params)
         if candidate.alerts and params.pipeline.block_on_alerts:

@@ -1,9 +1,11 @@
 """The pipeline's Dask path (prefect-dask) on real LocalClusters of 2 worker processes: an append
-batch encoded shard by shard gives the code store that one process gives, bit for bit, and a
-worker killed mid-run leaves the served version as it was and the batch for the next run."""
+batch encoded shard by shard and evaluated by query shards gives the code store and the scores
+that one process gives, exactly, and a worker killed mid-run leaves the served version as it
+was and the batch for the next run."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -12,13 +14,16 @@ import time
 import numpy as np
 import pytest
 
+from lifelong_hashing.config import load_params
 from lifelong_hashing.engine.batch import Batch, load_batch, save_batch
 from lifelong_hashing.engine.codestore import CodeStore
-from lifelong_hashing.engine.state import load_state
+from lifelong_hashing.engine.runner import append_known
+from lifelong_hashing.engine.state import RunState, load_state
 from lifelong_hashing.inference.versions import current_dir, current_version
+from lifelong_hashing.operations.pipeline import evaluation_queries
 from lifelong_hashing.operations.registry import Registry
 
-from .conftest import drop, run, snapshot
+from .conftest import PARAMS, drop, run, settings, snapshot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
 SHARD_ROWS = 4096  # one encoder block: the batch below makes 3 shards
@@ -35,25 +40,37 @@ def known_batch(stage_file, root, copies: int = 10) -> Batch:
     return load_batch(path)
 
 
-def in_process_store(workspace, batch: Batch) -> CodeStore:
-    """What the in-process append gives: the served state's method encoding the whole batch."""
+def in_process(workspace, batch: Batch) -> RunState:
+    """What the in-process append gives: the served state encoding the whole batch, then
+    evaluated on the pipeline's queries in one process."""
+    params = load_params(PARAMS, settings(workspace))
     state = load_state(Registry(workspace / "ws", str(workspace / "remote")).state_dir)
-    state.method.append(batch.for_model(state.method.categories), state.store)
-    return state.store
+    append_known(state, batch.for_model(state.method.categories), evaluation_queries(params))
+    return state
+
+
+def in_process_store(workspace, batch: Batch) -> CodeStore:
+    return in_process(workspace, batch).store
 
 
 def served_store(workspace) -> CodeStore:
     return CodeStore.load(current_dir(workspace / "ws" / "models") / "codes.npz")
 
 
-def test_an_append_encoded_on_a_local_cluster_equals_the_in_process_codes(workspace, stage_files):
+def test_an_append_encoded_and_scored_on_a_local_cluster_equals_the_in_process_run(workspace, stage_files):
+    """Codes bit for bit, and the evaluation record (every mAP, precision and count) exactly."""
     batch = known_batch(stage_files[0], workspace)
-    expected = in_process_store(workspace, batch)
+    reference = in_process(workspace, batch)
+    expected = reference.store
     drop(workspace / "known.npz", workspace)
-    state = run(workspace, **{"pipeline.dask.workers": 2, "pipeline.dask.shard_rows": SHARD_ROWS})
+    state = run(workspace, **{"pipeline.dask.workers": 2, "pipeline.dask.shard_rows": SHARD_ROWS,
+                              "pipeline.dask.query_shard_rows": 200})
     assert state.is_completed(), state.message
     (outcome,) = state.result()
     assert outcome["kind"] == "append" and outcome["version"] == "v0002" and outcome["shards_on_dask"] == 3
+    recorded = json.loads((Registry(workspace / "ws", "").state_dir / "state.json").read_text())["history"][-1]
+    assert recorded == json.loads(json.dumps(reference.history[-1]))
+    assert subflow_runs(state, "score shards") == 2 and subflow_runs(state, "encode shards") == 1
     served = served_store(workspace)
     assert len(served) == len(expected) == 902 + len(batch)
     np.testing.assert_array_equal(served.ids, expected.ids)
@@ -93,6 +110,19 @@ def test_a_worker_killed_mid_run_keeps_the_served_version_and_the_batch_is_retri
     np.testing.assert_array_equal(served.ids, expected.ids)
     for modality in ("image", "text"):
         np.testing.assert_array_equal(served.codes[modality], expected.codes[modality])
+
+
+def subflow_runs(state, name: str) -> int:
+    """Completed runs of the subflow ``name`` inside the flow run that ended in ``state``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[name])),
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(
+                any_=[state.state_details.flow_run_id])))
+    return sum(1 for r in runs if r.state.is_completed())
 
 
 def kill_a_busy_worker(client, timeout: float) -> bool:

@@ -216,11 +216,13 @@ class ScheduleConfig(_Strict):
 
 class DaskConfig(_Strict):
     """Where the pipeline's data-parallel work runs (flows/pipeline.py): encoding the items of a
-    batch of known categories, shard by shard. Neither set: in the flow's own process."""
+    batch of known categories and scoring the evaluation queries, shard by shard. Neither
+    ``address`` nor ``workers`` set: in the flow's own process."""
 
     address: str | None = None  # an existing Dask scheduler, e.g. tcp://10.0.0.5:8786
     workers: int = Field(0, ge=0)  # else a LocalCluster of this many worker processes, for the run
     shard_rows: int = Field(65_536, gt=0)  # rows per shard (rounded up to whole encoder blocks)
+    query_shard_rows: int = Field(1024, gt=0)  # evaluation queries per shard (each scored against the whole store)
 
     @property
     def enabled(self) -> bool:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lifelong_hashing.config import EvalConfig
 from lifelong_hashing.engine.codestore import hamming_distances, pack_codes, rank_by_distance
 from lifelong_hashing.engine.kernels import average_precision_kernel
 
@@ -82,14 +83,32 @@ def map_per_query_reference(query_codes, db_codes, query_labels, db_labels) -> f
     return float(np.mean(aps)) if aps else float("nan")
 
 
-def precision_at_k(query_codes, db_codes, query_labels, db_labels, k: int) -> float:
-    """Mean share of relevant items among the first k of the ranking, over every query (one
-    without any relevant item counts 0)."""
-    vals = []
+def per_query_precision_at_k(query_codes, db_codes, query_labels, db_labels, k: int) -> np.ndarray:
+    """Each query's share of relevant items among the first k of its ranking (0 without any)."""
+    vals = [np.empty(0)]
     for d, rel in _blocks(query_codes, db_codes, query_labels, db_labels):
         order = rank_by_distance(d)[:, :k]
         vals.append(np.take_along_axis(rel, order, axis=1).mean(axis=1))
-    return float(np.concatenate(vals).mean())
+    return np.concatenate(vals)
+
+
+def precision_at_k(query_codes, db_codes, query_labels, db_labels, k: int) -> float:
+    """Mean share of relevant items among the first k of the ranking, over every query (one
+    without any relevant item counts 0)."""
+    return float(per_query_precision_at_k(query_codes, db_codes, query_labels, db_labels, k).mean())
+
+
+def query_scores(q_codes: np.ndarray, db_codes: np.ndarray, q_labels: np.ndarray, db_labels: np.ndarray,
+                 cfg: EvalConfig) -> dict[str, np.ndarray]:
+    """Per query: AP over the full ranking, AP@R and precision@k for each R and k of ``eval``.
+    Each query's scores depend on it alone, so query shards scored apart and joined in order give
+    the same arrays (the pipeline's Dask path, ``runner.Scorer``)."""
+    out = {"map_all": per_query_ap(q_codes, db_codes, q_labels, db_labels)}
+    for r in cfg.map_at:
+        out[f"map_at_{r}"] = per_query_ap(q_codes, db_codes, q_labels, db_labels, r)
+    for k in cfg.precision_at:
+        out[f"precision_at_{k}"] = per_query_precision_at_k(q_codes, db_codes, q_labels, db_labels, k)
+    return out
 
 
 def pr_curve(query_codes, db_codes, query_labels, db_labels, bits: int) -> dict[str, list[float]]:

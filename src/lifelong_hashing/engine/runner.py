@@ -4,12 +4,13 @@ several methods on the same stages (``lhash compare``)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from lifelong_hashing.config import Params
+from lifelong_hashing.config import EvalConfig, Params
 from lifelong_hashing.engine.batch import Batch
 from lifelong_hashing.engine.codestore import CodeStore
 from lifelong_hashing.engine.datasets import load_dataset
@@ -19,9 +20,8 @@ from lifelong_hashing.engine.metrics import (
     average_map,
     backward_transfer,
     forgetting,
-    per_query_ap,
     pr_curve,
-    precision_at_k,
+    query_scores,
     stage_task_matrix,
 )
 from lifelong_hashing.engine.report import format_table
@@ -36,17 +36,20 @@ def build_plan(params: Params) -> StagePlan:
     return plan_stages(load_dataset(params.dataset, params.seed), params.stages)
 
 
+Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, EvalConfig], dict[str, np.ndarray]]
+
+
 def evaluate_stage(method: Method, store: CodeStore, queries: Batch, groups: list[tuple[str, ...]],
-                   params: Params) -> dict:
+                   params: Params, scorer: Scorer = query_scores) -> dict:
     """Retrieval quality after the stages that introduced ``groups``, both directions: per-task
     mAP (a row of the stage×task matrix) and, over all answerable queries, mAP@all, mAP@R and
-    precision@k."""
+    precision@k. ``scorer`` computes the per-query scores (in this process by default)."""
     answerable, task = queries_by_task(queries, groups)
     out = {}
     for direction, d in DIRECTIONS.items():
         q_codes = method.encode(d.query, getattr(answerable, d.query))
-        db_codes = store.codes[d.database]
-        ap = per_query_ap(q_codes, db_codes, answerable.labels, store.labels)
+        per_query = scorer(q_codes, store.codes[d.database], answerable.labels, store.labels, params.eval)
+        ap = per_query["map_all"]
         scores = {
             "map_all": float(np.nanmean(ap)),
             "task_map": [float(np.nanmean(ap[task == j])) for j in range(len(groups))],
@@ -54,11 +57,11 @@ def evaluate_stage(method: Method, store: CodeStore, queries: Batch, groups: lis
             "skipped": {"map_all": int(np.isnan(ap).sum())},  # queries left out of a mean (metrics.py)
         }
         for r in params.eval.map_at:
-            ap_r = per_query_ap(q_codes, db_codes, answerable.labels, store.labels, r)
+            ap_r = per_query[f"map_at_{r}"]
             scores[f"map_at_{r}"] = float(np.nanmean(ap_r)) if np.isfinite(ap_r).any() else float("nan")
             scores["skipped"][f"map_at_{r}"] = int(np.isnan(ap_r).sum())
         for k in params.eval.precision_at:
-            scores[f"precision_at_{k}"] = precision_at_k(q_codes, db_codes, answerable.labels, store.labels, k)
+            scores[f"precision_at_{k}"] = float(per_query[f"precision_at_{k}"].mean())
         out[direction] = scores
     return out
 
@@ -68,7 +71,7 @@ def stage_groups(state: RunState) -> list[tuple[str, ...]]:
     return [tuple(record["new_categories"]) for record in state.history]
 
 
-def learn_stage(state: RunState, stage: Stage, queries: Batch) -> dict:
+def learn_stage(state: RunState, stage: Stage, queries: Batch, scorer: Scorer = query_scores) -> dict:
     """Train one stage, evaluate it on ``queries`` and append its record to the state's history
     (what was learned) and its timing to the state's timings (how long it took: kept apart, so
     that the same params give the same state files). Returns both in one dict."""
@@ -78,7 +81,7 @@ def learn_stage(state: RunState, stage: Stage, queries: Batch) -> dict:
     groups = stage_groups(state) + [tuple(stage.new_categories)]
     timing = {"stage": stage.index, **{k: result.pop(k) for k in TIMING_KEYS}}
     record = {**result, "database_size": len(state.store),
-              **evaluate_stage(state.method, state.store, queries, groups, state.params)}
+              **evaluate_stage(state.method, state.store, queries, groups, state.params, scorer)}
     state.history.append(record)
     state.timings.append(timing)
     log.info("%s stage %d: %d items, database %d, %.1f s training, mAP I→T %.4f, T→I %.4f", state.method.name,
@@ -87,13 +90,14 @@ def learn_stage(state: RunState, stage: Stage, queries: Batch) -> dict:
     return {**record, **timing}
 
 
-def append_known(state: RunState, batch: Batch, queries: Batch, codes: dict[str, np.ndarray] | None = None) -> dict:
+def append_known(state: RunState, batch: Batch, queries: Batch, codes: dict[str, np.ndarray] | None = None,
+                 scorer: Scorer = query_scores) -> dict:
     """Encode a batch of known categories with the current encoders (or take its ``codes``,
     encoded elsewhere) and add them to the store (no training); the latest stage's evaluation
     is refreshed to the grown database."""
     state.method.append(batch, state.store, codes)
     record = state.history[-1]
-    record.update(evaluate_stage(state.method, state.store, queries, stage_groups(state), state.params))
+    record.update(evaluate_stage(state.method, state.store, queries, stage_groups(state), state.params, scorer))
     record["database_size"] = len(state.store)
     record["items_appended"] = record.get("items_appended", 0) + len(batch)
     return record

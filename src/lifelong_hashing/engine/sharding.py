@@ -1,4 +1,5 @@
-"""A batch cut into shards on disk, encoded in other processes (the pipeline's Dask path).
+"""Work cut into shards on disk for other processes (the pipeline's Dask path): a batch to
+encode, queries to score.
 
 A shard is a batch file of a slice of the rows (features in); its codes come back as an npz of
 packed codes (out). Tasks pass these paths, never arrays: a task's arguments and results travel
@@ -15,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lifelong_hashing.config import EvalConfig
 from lifelong_hashing.engine.batch import Batch, load_batch, save_batch
 from lifelong_hashing.engine.codestore import MODALITIES
 from lifelong_hashing.engine.methods.base import ENCODE_BLOCK
+from lifelong_hashing.engine.metrics import query_scores
 from lifelong_hashing.files import write_npz
 
 
@@ -60,3 +63,31 @@ def _method(state_dir: str, fingerprint: tuple):
 
 def _fingerprint(model_dir: Path) -> tuple:
     return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.iterdir()))
+
+
+def write_query_shards(codes: np.ndarray, labels: np.ndarray, database_codes: np.ndarray,
+                       database_labels: np.ndarray, out_dir: str | Path,
+                       rows_per_shard: int) -> tuple[Path, list[Path]]:
+    """An evaluation split for workers: the database side (codes and labels) as one file, the
+    query codes and labels as shards of ``rows_per_shard``. Returns (database file, shards)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    database = write_npz(out_dir / "database.npz", {"codes": database_codes, "labels": database_labels})
+    shards = [write_npz(out_dir / f"queries-{i:05d}.npz", {"codes": codes[s:s + rows_per_shard],
+                                                            "labels": labels[s:s + rows_per_shard]})
+              for i, s in enumerate(range(0, len(codes), max(rows_per_shard, 1)))]
+    return database, shards
+
+
+def score_shard(database: str | Path, shard: str | Path, cfg: EvalConfig) -> Path:
+    """Per-query scores (``runner.query_scores``) of one query shard against the database file,
+    written beside the shard (``queries-00000.scores.npz``); returns that path."""
+    db, queries = np.load(database), np.load(shard)
+    scores = query_scores(queries["codes"], db["codes"], queries["labels"], db["labels"], cfg)
+    return write_npz(Path(shard).with_suffix(".scores.npz"), scores)
+
+
+def read_shard_scores(paths: list[str | Path]) -> dict[str, np.ndarray]:
+    """The shards' per-query scores joined in order: what scoring every query at once gives."""
+    parts = [np.load(p) for p in paths]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0].files}

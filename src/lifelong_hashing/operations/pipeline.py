@@ -35,8 +35,8 @@ import yaml
 from lifelong_hashing.config import ExportConfig, IndexConfig, MonitoringConfig, Params, ValidationConfig
 from lifelong_hashing.engine.batch import Batch, BatchError, load_batch
 from lifelong_hashing.engine.datasets import load_dataset
-from lifelong_hashing.engine.metrics import DIRECTIONS
-from lifelong_hashing.engine.runner import append_known, history_summary, learn_stage, write_plots
+from lifelong_hashing.engine.metrics import DIRECTIONS, query_scores
+from lifelong_hashing.engine.runner import Scorer, append_known, history_summary, learn_stage, write_plots
 from lifelong_hashing.engine.sharding import read_shard_codes, write_shards
 from lifelong_hashing.engine.stages import Stage
 from lifelong_hashing.engine.state import RunState, load_state, new_state, save_state, timings_path
@@ -252,11 +252,11 @@ def shards_to_encode(registry: Registry, arrival: Arrival, validation: Validatio
 
 
 def train(registry: Registry, arrival: Arrival, validation: ValidationResult, params: Params,
-          shard_codes: list[Path] | None = None) -> Candidate:
+          shard_codes: list[Path] | None = None, scorer: Scorer = query_scores) -> Candidate:
     """A batch with new categories is a lifelong increment (the configured method trains on it);
     a batch of known categories is encoded and appended, with no training (``shard_codes``: its
     codes, encoded by workers from ``shards_to_encode``). Either way the new state is evaluated
-    on the held-out queries and saved into the work folder."""
+    on the held-out queries (per-query scores by ``scorer``) and saved into the work folder."""
     state = current_state(registry)
     batch = _accepted_batch(arrival, params)
     if state is None:
@@ -267,10 +267,10 @@ def train(registry: Registry, arrival: Arrival, validation: ValidationResult, pa
     batch = batch.for_model(state.method.categories)  # as validation built it
     if validation.new_categories:
         stage = Stage(state.stage + 1, tuple(validation.new_categories), batch.categories, batch)
-        record = learn_stage(state, stage, queries)
+        record = learn_stage(state, stage, queries, scorer)
         kind = "increment"
     else:
-        record = append_known(state, batch, queries, read_shard_codes(shard_codes) if shard_codes else None)
+        record = append_known(state, batch, queries, read_shard_codes(shard_codes) if shard_codes else None, scorer)
         kind = "append"
     work = registry.batch_work_dir(arrival.key)
     save_state(state, work / "state")

@@ -1,0 +1,58 @@
+"""Shards on disk for other processes: encoded shards and scored query shards, joined in order,
+equal the work done at once (bit for bit; float scores exactly)."""
+
+import numpy as np
+import pytest
+
+from lifelong_hashing.config import EvalConfig
+from lifelong_hashing.engine import sharding
+from lifelong_hashing.engine.codestore import pack_codes
+from lifelong_hashing.engine.methods.base import ENCODE_BLOCK
+from lifelong_hashing.engine.metrics import query_scores
+from lifelong_hashing.engine.runner import evaluate_stage
+
+pytestmark = pytest.mark.unit
+
+
+def test_shard_bounds_are_whole_encoder_blocks_and_cover_every_row():
+    bounds = sharding.shard_bounds(3 * ENCODE_BLOCK + 5, ENCODE_BLOCK + 1)
+    assert bounds == [(0, 2 * ENCODE_BLOCK), (2 * ENCODE_BLOCK, 3 * ENCODE_BLOCK + 5)]
+    assert sharding.shard_bounds(10, 1) == [(0, 10)]
+
+
+def test_query_shards_scored_apart_equal_scoring_every_query_at_once(tmp_path):
+    rng = np.random.default_rng(0)
+    db_codes, q_codes = pack_codes(rng.normal(size=(700, 32))), pack_codes(rng.normal(size=(230, 32)))
+    db_labels = (rng.random((700, 5)) < 0.3).astype(np.uint8)
+    q_labels = (rng.random((230, 5)) < 0.3).astype(np.uint8)
+    cfg = EvalConfig(map_at=[50], precision_at=[10])
+    database, shards = sharding.write_query_shards(q_codes, q_labels, db_codes, db_labels, tmp_path, 64)
+    assert len(shards) == 4
+    joined = sharding.read_shard_scores([sharding.score_shard(database, s, cfg) for s in shards])
+    whole = query_scores(q_codes, db_codes, q_labels, db_labels, cfg)
+    assert set(joined) == set(whole) == {"map_all", "map_at_50", "precision_at_10"}
+    for key in whole:
+        np.testing.assert_array_equal(joined[key], whole[key])
+    assert np.isnan(whole["map_all"]).any()  # queries without a relevant item stay NaN, not 0
+
+
+def test_an_evaluation_on_a_sharding_scorer_gives_the_same_record(tmp_path, params_factory):
+    from lifelong_hashing.engine.runner import build_plan, run_stage
+    from lifelong_hashing.engine.state import new_state
+
+    params = params_factory("orthohash")
+    plan = build_plan(params)
+    state = new_state(params, plan.stages[0].batch.image.shape[1:], plan.stages[0].batch.text.shape[1])
+    run_stage(state, plan)
+    groups = [tuple(plan.stages[0].new_categories)]
+    calls = []
+
+    def sharded(q_codes, db_codes, q_labels, db_labels, cfg):
+        calls.append(len(q_codes))
+        database, shards = sharding.write_query_shards(q_codes, q_labels, db_codes, db_labels,
+                                                       tmp_path / str(len(calls)), 7)
+        return sharding.read_shard_scores([sharding.score_shard(database, s, cfg) for s in shards])
+
+    expected = evaluate_stage(state.method, state.store, plan.queries, groups, params)
+    assert evaluate_stage(state.method, state.store, plan.queries, groups, params, sharded) == expected
+    assert len(calls) == 2 and calls[0] > 7  # both directions, several shards each
