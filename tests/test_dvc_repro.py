@@ -24,12 +24,24 @@ SMALL = {("train", "epochs"): 1, ("train", "lifelong_epochs"): 1, ("train", "dev
          ("model", "hidden"): [128], ("export", "int8_min_agreement"): None}
 
 
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+       "DVC_NO_ANALYTICS": "1"}
+
+
 def sh(args: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=ENV, timeout=900)
     assert proc.returncode == 0, f"{' '.join(args)}: {proc.stdout[-1500:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
+
+
+def sh_at_once(args: list[str], cwds: list[Path]) -> None:
+    """The same command in several folders at the same time (each is mostly one thread of
+    Python and DVC, so two share this machine's cores well)."""
+    procs = [subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for cwd in cwds]
+    for proc, cwd in zip(procs, cwds, strict=True):
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"{' '.join(args)} in {cwd}: {out[-1500:]}\n{err[-3000:]}"
 
 
 def clean_clone(dest: Path, small: bool = True) -> Path:
@@ -57,8 +69,7 @@ def clean_clone(dest: Path, small: bool = True) -> Path:
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory):
     clones = [clean_clone(tmp_path_factory.mktemp(f"clone{i}")) for i in range(2)]
-    for clone in clones:
-        sh([sys.executable, "-m", "dvc", "repro"], clone)
+    sh_at_once([sys.executable, "-m", "dvc", "repro"], clones)  # the same codes, run side by side or not
     return clones
 
 
