@@ -56,3 +56,13 @@ def test_an_evaluation_on_a_sharding_scorer_gives_the_same_record(tmp_path, para
     expected = evaluate_stage(state.method, state.store, plan.queries, groups, params)
     assert evaluate_stage(state.method, state.store, plan.queries, groups, params, sharded) == expected
     assert len(calls) == 2 and calls[0] > 7  # both directions, several shards each
+
+
+def test_no_queries_score_to_empty_arrays_as_in_one_process(tmp_path):
+    db = pack_codes(np.random.default_rng(1).normal(size=(50, 16)))
+    labels = np.ones((50, 2), np.uint8)
+    cfg = EvalConfig(map_at=[5], precision_at=[3])
+    database, shards = sharding.write_query_shards(db[:0], labels[:0], db, labels, tmp_path, 10)
+    joined = sharding.read_shard_scores([sharding.score_shard(database, s, cfg) for s in shards])
+    whole = query_scores(db[:0], db, labels[:0], labels, cfg)
+    assert set(joined) == set(whole) and all(joined[k].shape == whole[k].shape == (0,) for k in whole)

@@ -48,8 +48,13 @@ def encode_shard(state_dir: str | Path, shard: str | Path) -> Path:
 
 def read_shard_codes(paths: list[str | Path]) -> dict[str, np.ndarray]:
     """The shards' codes joined in order: what encoding the whole batch in one process gives."""
-    parts = [np.load(p) for p in paths]
+    parts = [_arrays(p) for p in paths]
     return {m: np.concatenate([part[m] for part in parts]) for m in MODALITIES}
+
+
+def _arrays(path: str | Path) -> dict[str, np.ndarray]:
+    with np.load(path) as npz:
+        return dict(npz)
 
 
 @functools.lru_cache(maxsize=2)
@@ -69,25 +74,26 @@ def write_query_shards(codes: np.ndarray, labels: np.ndarray, database_codes: np
                        database_labels: np.ndarray, out_dir: str | Path,
                        rows_per_shard: int) -> tuple[Path, list[Path]]:
     """An evaluation split for workers: the database side (codes and labels) as one file, the
-    query codes and labels as shards of ``rows_per_shard``. Returns (database file, shards)."""
+    query codes and labels as shards of ``rows_per_shard`` (one empty shard when there are no
+    queries, so the scores still come back, empty). Returns (database file, shards)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     database = write_npz(out_dir / "database.npz", {"codes": database_codes, "labels": database_labels})
     shards = [write_npz(out_dir / f"queries-{i:05d}.npz", {"codes": codes[s:s + rows_per_shard],
                                                             "labels": labels[s:s + rows_per_shard]})
-              for i, s in enumerate(range(0, len(codes), max(rows_per_shard, 1)))]
+              for i, s in enumerate(range(0, max(len(codes), 1), max(rows_per_shard, 1)))]
     return database, shards
 
 
 def score_shard(database: str | Path, shard: str | Path, cfg: EvalConfig) -> Path:
-    """Per-query scores (``runner.query_scores``) of one query shard against the database file,
+    """Per-query scores (``metrics.query_scores``) of one query shard against the database file,
     written beside the shard (``queries-00000.scores.npz``); returns that path."""
-    db, queries = np.load(database), np.load(shard)
+    db, queries = _arrays(database), _arrays(shard)
     scores = query_scores(queries["codes"], db["codes"], queries["labels"], db["labels"], cfg)
     return write_npz(Path(shard).with_suffix(".scores.npz"), scores)
 
 
 def read_shard_scores(paths: list[str | Path]) -> dict[str, np.ndarray]:
     """The shards' per-query scores joined in order: what scoring every query at once gives."""
-    parts = [np.load(p) for p in paths]
-    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0].files}
+    parts = [_arrays(p) for p in paths]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}

@@ -38,17 +38,16 @@ def build_index(codes: np.ndarray, bits: int, cfg: IndexConfig, seed: int = 0):
         index.cp.seed = seed
         sample = np.random.default_rng(seed).permutation(len(data))[: lists * 100]  # plenty for k-means
         index.train(data[np.sort(sample)])
-        index.nprobe = min(cfg.ivf_probes, lists)
     elif cfg.kind == "multihash":
         per_table = bits // cfg.multihash_tables
         if not 1 <= per_table <= 64:
             raise ValueError(f"serving.index.multihash_tables={cfg.multihash_tables} leaves {per_table} bits per "
                              f"table of a {bits}-bit code; faiss needs 1 to 64")
         index = faiss.IndexBinaryMultiHash(bits, cfg.multihash_tables, per_table)
-        index.nflip = cfg.multihash_flips
     else:
         raise ValueError(f"no faiss index to build for kind {cfg.kind!r}")
     index.add(data)
+    set_search_parameters(index, cfg)
     return index
 
 
