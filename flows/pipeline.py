@@ -23,8 +23,8 @@ from prefect.cache_policies import NO_CACHE
 
 from lifelong_hashing.config import DaskConfig, EvalConfig, Params, add_params_arguments, load_params, parse_overrides
 from lifelong_hashing.engine import sharding
-from lifelong_hashing.engine.metrics import query_scores
 from lifelong_hashing.engine.runner import Scorer
+from lifelong_hashing.engine.state import save_method
 from lifelong_hashing.operations import pipeline
 from lifelong_hashing.operations.registry import Registry
 
@@ -45,11 +45,6 @@ def validate(registry: Registry, arrival: pipeline.Arrival, params: Params):
 def quarantine(arrival: pipeline.Arrival, params: Params, reason: str, reports: list[Path], kind: str,
                errors: list[str] | None) -> Path:
     return pipeline.quarantine(arrival, params.pipeline.quarantine, reason, reports, kind, errors)
-
-
-@task(name="shard batch", **STEP)
-def shard(registry: Registry, arrival: pipeline.Arrival, validation, params: Params) -> list[Path]:
-    return pipeline.shards_to_encode(registry, arrival, validation, params)
 
 
 @task(name="encode shard", **STEP)
@@ -106,12 +101,28 @@ def on_dask(subflow, address: str):
     return subflow.with_options(task_runner=DaskTaskRunner(address=address))
 
 
-def encode_on_dask(address: str, registry: Registry, shards: list[Path]) -> list[Path]:
-    """The shards' code files, encoded by the ``encode shards`` subflow on the cluster."""
-    start = time.perf_counter()
-    encoded = on_dask(encode_shards, address)(str(registry.state_dir), [str(p) for p in shards])
-    get_run_logger().info("encoded %d shards on Dask in %.1f s", len(shards), time.perf_counter() - start)
-    return [Path(p) for p in encoded]
+class DaskEncoder:
+    """Database codes by shards on the cluster (a ``DatabaseEncoder``): each call saves the
+    method's encoders and the batch's shard files under ``work``, and the ``encode shards``
+    subflow encodes them. Counts the shards and seconds it spent, for the run's outcome."""
+
+    def __init__(self, address: str, work: Path, rows: int):
+        self.address, self.work, self.rows = address, work, rows
+        self.calls, self.shards, self.seconds = 0, 0, 0.0
+
+    def __call__(self, method, batch) -> dict:
+        start = time.perf_counter()
+        self.calls += 1
+        out = self.work / f"encoding-{self.calls}"
+        encoders = save_method(method, out / "method")
+        shards = sharding.write_shards(batch, out / "shards", self.rows)
+        encoded = on_dask(encode_shards, self.address)(str(encoders), [str(p) for p in shards])
+        codes = sharding.read_shard_codes(encoded)
+        self.shards += len(shards)
+        self.seconds += time.perf_counter() - start
+        get_run_logger().info("encoded %d items in %d shards on Dask in %.1f s", len(batch), len(shards),
+                              time.perf_counter() - start)
+        return codes
 
 
 def dask_scorer(address: str, work: Path, rows: int) -> Scorer:
@@ -128,11 +139,19 @@ def dask_scorer(address: str, work: Path, rows: int) -> Scorer:
 
 @task(name="train", **STEP)
 def train(registry: Registry, arrival: pipeline.Arrival, validation, params: Params,
-          shard_codes: list[Path] | None = None, dask_address: str | None = None) -> pipeline.Candidate:
-    """Evaluated by query shards on the Dask scheduler at ``dask_address``, when given."""
-    scorer = (dask_scorer(dask_address, registry.batch_work_dir(arrival.key) / "scoring",
-                          params.pipeline.dask.query_shard_rows) if dask_address else query_scores)
-    return pipeline.train(registry, arrival, validation, params, shard_codes, scorer)
+          dask_address: str | None = None) -> pipeline.Candidate:
+    """With ``dask_address``, database codes (an append, the joint baseline's re-encoding) and
+    the evaluation's per-query scores are computed by shards on that Dask scheduler."""
+    if not dask_address:
+        return pipeline.train(registry, arrival, validation, params)
+    work, cfg = registry.batch_work_dir(arrival.key), params.pipeline.dask
+    encoder = DaskEncoder(dask_address, work / "encoding", cfg.shard_rows)
+    candidate = pipeline.train(registry, arrival, validation, params,
+                               dask_scorer(dask_address, work / "scoring", cfg.query_shard_rows), encoder)
+    candidate.shards_on_dask = encoder.shards
+    if encoder.shards:
+        candidate.seconds["encode_on_dask"] = encoder.seconds
+    return candidate
 
 
 @task(name="export onnx", **STEP)
@@ -204,14 +223,8 @@ def process_batch(arrival: pipeline.Arrival, registry: Registry, params: Params,
             reason = "; ".join(f.line(validation.rows) for f in validation.failures)
             return _reject(arrival, params, f"validation failed: {reason}", [work / "validation"],
                            validation_html=validation.html_path)
-        shards = shard(registry, arrival, validation, params)
         address = cluster.address() if params.pipeline.dask.enabled else None
-        start = time.perf_counter()
-        shard_codes = encode_on_dask(address, registry, shards) if shards else None
-        encode_seconds = time.perf_counter() - start
-        candidate = train(registry, arrival, validation, params, shard_codes, address)
-        if shards:
-            candidate.seconds["encode_shards"] = encode_seconds
+        candidate = train(registry, arrival, validation, params, address)
         candidate = export(candidate, registry, params)
         candidate = monitor(candidate, params)
         if candidate.alerts and params.pipeline.block_on_alerts:
@@ -239,7 +252,7 @@ def process_batch(arrival: pipeline.Arrival, registry: Registry, params: Params,
     publish_artifacts(candidate, registry, tag, version)
     return {"status": "promoted", "file": arrival.name, "kind": candidate.kind, "stage": candidate.stage,
             "version": version, "tag": tag, "new_categories": candidate.new_categories,
-            "shards_on_dask": len(shards)}
+            "shards_on_dask": candidate.shards_on_dask}
 
 
 def _reject(arrival, params: Params, reason: str, reports: list[Path], validation_html: str | None = None,

@@ -1,12 +1,13 @@
 """The pipeline's Dask path (prefect-dask) on real LocalClusters of 2 worker processes: an append
-batch encoded shard by shard and evaluated by query shards gives the code store and the scores
-that one process gives, exactly, and a worker killed mid-run leaves the served version as it
-was and the batch for the next run."""
+batch encoded shard by shard and evaluated by query shards, and the joint baseline's re-encoding
+of the whole database, give the code store and the scores that one process gives, exactly; a
+worker killed mid-run leaves the served version as it was and the batch for the next run."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -76,6 +77,35 @@ def test_an_append_encoded_and_scored_on_a_local_cluster_equals_the_in_process_r
     np.testing.assert_array_equal(served.ids, expected.ids)
     for modality in ("image", "text"):
         np.testing.assert_array_equal(served.codes[modality], expected.codes[modality])
+
+
+def test_the_joint_baselines_re_encoding_on_a_local_cluster_equals_the_in_process_run(tmp_path, stage_files):
+    """A new-category batch for the joint baseline: it retrains on everything, and the ~9,900
+    items stored before are re-encoded in 3 shards on the workers, giving the in-process codes."""
+    joint = {"method.name": "joint"}
+    here = tmp_path / "in-process"
+    drop(stage_files[0], here)
+    assert run(here, **joint).is_completed()
+    known_batch(stage_files[0], here)
+    drop(here / "known.npz", here)
+    assert run(here, **joint).is_completed()  # the database: stage 0 and 9,020 appended items
+    drop(stage_files[1], here)
+    on_dask = tmp_path / "on-dask"
+    shutil.copytree(here, on_dask, symlinks=True)
+    state = run(on_dask, **joint, **{"pipeline.dask.workers": 2, "pipeline.dask.shard_rows": SHARD_ROWS})
+    assert state.is_completed(), state.message
+    (outcome,) = state.result()
+    assert outcome["kind"] == "increment" and outcome["shards_on_dask"] == 3
+    assert subflow_runs(state, "encode shards") == 1 and subflow_runs(state, "score shards") == 2
+    assert run(here, **joint).is_completed()
+    expected, served = served_store(here), served_store(on_dask)
+    assert len(served) == len(expected) > 902 + 9020
+    np.testing.assert_array_equal(served.ids, expected.ids)
+    for modality in ("image", "text"):
+        np.testing.assert_array_equal(served.codes[modality], expected.codes[modality])
+    history = [json.loads((Registry(root / "ws", "").state_dir / "state.json").read_text())["history"]
+               for root in (here, on_dask)]
+    assert history[0] == history[1] and history[1][-1]["codes_rewritten"] > 0
 
 
 def test_a_worker_killed_mid_run_keeps_the_served_version_and_the_batch_is_retried(workspace, stage_files):

@@ -6,6 +6,7 @@ import pytest
 
 from lifelong_hashing.config import EvalConfig
 from lifelong_hashing.engine import sharding
+from lifelong_hashing.engine.batch import Batch
 from lifelong_hashing.engine.codestore import pack_codes
 from lifelong_hashing.engine.methods.base import ENCODE_BLOCK
 from lifelong_hashing.engine.metrics import query_scores
@@ -66,3 +67,50 @@ def test_no_queries_score_to_empty_arrays_as_in_one_process(tmp_path):
     joined = sharding.read_shard_scores([sharding.score_shard(database, s, cfg) for s in shards])
     whole = query_scores(db[:0], db, labels[:0], labels, cfg)
     assert set(joined) == set(whole) and all(joined[k].shape == whole[k].shape == (0,) for k in whole)
+
+
+def sharding_encoder(tmp_path, calls: list):
+    """The Dask encoder's work in this process: the method saved for workers, the batch as
+    shard files, each shard encoded from the saved copy."""
+    from lifelong_hashing.engine.state import save_method
+
+    def encode(method, batch):
+        calls.append(len(batch))
+        out = tmp_path / f"call-{len(calls)}"
+        saved = save_method(method, out / "method")
+        assert not (saved / "model" / "seen").exists()  # a worker never gets the joint's past data
+        return sharding.read_shard_codes([sharding.encode_shard(saved, s)
+                                          for s in sharding.write_shards(batch, out / "shards", 1)])
+
+    return encode
+
+
+@pytest.mark.parametrize("method", ["joint", "orthohash"])
+def test_database_codes_encoded_from_shards_equal_the_in_process_codes(tmp_path, params_factory, method):
+    """Through every stage and an append: the joint baseline's re-encoding of past items and the
+    append go through the encoder; a lifelong method never calls it while learning."""
+    from lifelong_hashing.engine.runner import append_known, build_plan, learn_stage
+    from lifelong_hashing.engine.state import new_state
+
+    params = params_factory(method)
+    plan = build_plan(params)
+    shape, text_dim = plan.stages[0].batch.image.shape[1:], plan.stages[0].batch.text.shape[1]
+    here, sharded, calls = new_state(params, shape, text_dim), new_state(params, shape, text_dim), []
+    first = plan.stages[0].batch.subset(np.arange(40))
+    extra = Batch(np.char.add("again-", first.ids), first.image, first.text, first.labels, first.categories)
+    for stage in plan.stages:
+        learn_stage(here, stage, plan.queries)
+        learn_stage(sharded, stage, plan.queries, encoder=sharding_encoder(tmp_path / str(stage.index), calls))
+        if stage.index == 0:
+            append_known(here, extra, plan.queries)
+            append_known(sharded, extra, plan.queries, encoder=sharding_encoder(tmp_path / "append", calls))
+    np.testing.assert_array_equal(sharded.store.ids, here.store.ids)
+    for modality in ("image", "text"):
+        np.testing.assert_array_equal(sharded.store.codes[modality], here.store.codes[modality])
+    assert sharded.history == here.history
+    stage_sizes = [len(s.batch) for s in plan.stages]
+    if method == "joint":  # the append, then everything stored before stages 1 and 2
+        assert calls == [40, stage_sizes[0] + 40, sum(stage_sizes[:2]) + 40]
+        assert all(r["codes_rewritten"] > 0 for r in here.history[1:])
+    else:
+        assert calls == [40] and [r["codes_rewritten"] for r in here.history] == [0, 0, 0]

@@ -15,6 +15,7 @@ from lifelong_hashing.engine.batch import Batch
 from lifelong_hashing.engine.codestore import CodeStore
 from lifelong_hashing.engine.datasets import load_dataset
 from lifelong_hashing.engine.methods import Method
+from lifelong_hashing.engine.methods.base import DatabaseEncoder, encode_here
 from lifelong_hashing.engine.metrics import (
     DIRECTIONS,
     average_map,
@@ -71,11 +72,13 @@ def stage_groups(state: RunState) -> list[tuple[str, ...]]:
     return [tuple(record["new_categories"]) for record in state.history]
 
 
-def learn_stage(state: RunState, stage: Stage, queries: Batch, scorer: Scorer = query_scores) -> dict:
+def learn_stage(state: RunState, stage: Stage, queries: Batch, scorer: Scorer = query_scores,
+                encoder: DatabaseEncoder = encode_here) -> dict:
     """Train one stage, evaluate it on ``queries`` and append its record to the state's history
     (what was learned) and its timing to the state's timings (how long it took: kept apart, so
-    that the same params give the same state files). Returns both in one dict."""
-    result = vars(state.method.learn(stage, state.store))
+    that the same params give the same state files). Returns both in one dict. ``scorer`` and
+    ``encoder`` say where per-query scores and re-encoded database codes are computed."""
+    result = vars(state.method.learn(stage, state.store, encoder))
     state.reference.add_stage(stage.batch, stage.index, state.params.monitoring.reference_rows_per_stage,
                               state.params.seed)
     groups = stage_groups(state) + [tuple(stage.new_categories)]
@@ -90,12 +93,12 @@ def learn_stage(state: RunState, stage: Stage, queries: Batch, scorer: Scorer = 
     return {**record, **timing}
 
 
-def append_known(state: RunState, batch: Batch, queries: Batch, codes: dict[str, np.ndarray] | None = None,
-                 scorer: Scorer = query_scores) -> dict:
-    """Encode a batch of known categories with the current encoders (or take its ``codes``,
-    encoded elsewhere) and add them to the store (no training); the latest stage's evaluation
-    is refreshed to the grown database."""
-    state.method.append(batch, state.store, codes)
+def append_known(state: RunState, batch: Batch, queries: Batch, scorer: Scorer = query_scores,
+                 encoder: DatabaseEncoder = encode_here) -> dict:
+    """Encode a batch of known categories with the current encoders (by ``encoder``) and add
+    them to the store (no training); the latest stage's evaluation is refreshed to the grown
+    database."""
+    state.method.append(batch, state.store, encoder)
     record = state.history[-1]
     record.update(evaluate_stage(state.method, state.store, queries, stage_groups(state), state.params, scorer))
     record["database_size"] = len(state.store)

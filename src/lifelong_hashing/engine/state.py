@@ -111,6 +111,15 @@ def _read_record(directory: Path) -> tuple[dict, Params, dict]:
     return record, params, meta
 
 
+def save_method(method: Method, directory: str | Path) -> Path:
+    """What a worker needs to encode with ``method``: its encoders and params, without the code
+    store, history or data kept for training (``load_method`` reads it)."""
+    directory = Path(directory)
+    method.save_encoders(directory / "model")
+    write_json(directory / "state.json", {"method": method.name, "params": method.params.model_dump()})
+    return directory
+
+
 def load_method(directory: str | Path) -> Method:
     """A state's trained method alone: what encoding needs, without the code store (a worker
     encoding shards of a batch)."""

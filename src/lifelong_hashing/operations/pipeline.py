@@ -35,9 +35,9 @@ import yaml
 from lifelong_hashing.config import ExportConfig, IndexConfig, MonitoringConfig, Params, ValidationConfig
 from lifelong_hashing.engine.batch import Batch, BatchError, load_batch
 from lifelong_hashing.engine.datasets import load_dataset
+from lifelong_hashing.engine.methods.base import DatabaseEncoder, encode_here
 from lifelong_hashing.engine.metrics import DIRECTIONS, query_scores
 from lifelong_hashing.engine.runner import Scorer, append_known, history_summary, learn_stage, write_plots
-from lifelong_hashing.engine.sharding import read_shard_codes, write_shards
 from lifelong_hashing.engine.stages import Stage
 from lifelong_hashing.engine.state import RunState, load_state, new_state, save_state, timings_path
 from lifelong_hashing.files import sha256_of, write_json
@@ -97,6 +97,7 @@ class Candidate:
     before: dict | None  # average mAP per direction before this batch (None for the first)
     after: dict
     seconds: dict = field(default_factory=dict)
+    shards_on_dask: int = 0  # database-code shards encoded by Dask workers (pipeline.dask)
     validation_dir: str = ""
     version_dir: str = ""
     monitor_dir: str = ""
@@ -239,24 +240,13 @@ def _average_map(record: dict) -> dict:
     return {d: float(record[d]["map_all"]) for d in DIRECTIONS}
 
 
-def shards_to_encode(registry: Registry, arrival: Arrival, validation: ValidationResult,
-                     params: Params) -> list[Path]:
-    """The shard files of a batch that appends to the database, for workers to encode; none when
-    it trains (new categories, or no model yet) or when ``pipeline.dask`` keeps work in process."""
-    state = current_state(registry)
-    if not params.pipeline.dask.enabled or validation.new_categories or state is None:
-        return []
-    batch = _accepted_batch(arrival, params).for_model(state.method.categories)
-    batch = batch.with_categories(state.method.categories)
-    return write_shards(batch, registry.batch_work_dir(arrival.key) / "shards", params.pipeline.dask.shard_rows)
-
-
 def train(registry: Registry, arrival: Arrival, validation: ValidationResult, params: Params,
-          shard_codes: list[Path] | None = None, scorer: Scorer = query_scores) -> Candidate:
+          scorer: Scorer = query_scores, encoder: DatabaseEncoder = encode_here) -> Candidate:
     """A batch with new categories is a lifelong increment (the configured method trains on it);
-    a batch of known categories is encoded and appended, with no training (``shard_codes``: its
-    codes, encoded by workers from ``shards_to_encode``). Either way the new state is evaluated
-    on the held-out queries (per-query scores by ``scorer``) and saved into the work folder."""
+    a batch of known categories is encoded and appended, with no training. Either way the new
+    state is evaluated on the held-out queries and saved into the work folder. ``scorer`` and
+    ``encoder`` compute per-query scores and database codes (appended, or re-encoded by the joint
+    baseline) in this process by default, on Dask workers from the flow."""
     state = current_state(registry)
     batch = _accepted_batch(arrival, params)
     if state is None:
@@ -267,10 +257,10 @@ def train(registry: Registry, arrival: Arrival, validation: ValidationResult, pa
     batch = batch.for_model(state.method.categories)  # as validation built it
     if validation.new_categories:
         stage = Stage(state.stage + 1, tuple(validation.new_categories), batch.categories, batch)
-        record = learn_stage(state, stage, queries, scorer)
+        record = learn_stage(state, stage, queries, scorer, encoder)
         kind = "increment"
     else:
-        record = append_known(state, batch, queries, read_shard_codes(shard_codes) if shard_codes else None, scorer)
+        record = append_known(state, batch, queries, scorer, encoder)
         kind = "append"
     work = registry.batch_work_dir(arrival.key)
     save_state(state, work / "state")

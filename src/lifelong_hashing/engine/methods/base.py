@@ -4,6 +4,10 @@ A method owns an image and a text encoder and whatever memory it needs. ``learn(
 trains on the stage's batch, writes the new items' codes to the code store and returns a
 ``StageResult``. Methods differ only in ``train_stage`` (loss and memory) and, for joint
 retraining, in how database codes are written.
+
+Database codes of items the method did not just train on (an appended batch, the joint
+baseline's re-encoding) go through a ``DatabaseEncoder``: in this process by default, shard by
+shard on Dask workers in the pipeline (``flows.pipeline.DaskEncoder``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ from lifelong_hashing.engine.stages import Stage
 from lifelong_hashing.files import atomic_write, write_json, write_npz
 
 ENCODE_BLOCK = 4096
+DatabaseEncoder = Callable[["Method", Batch], dict[str, np.ndarray]]
+
+
+def encode_here(method: Method, batch: Batch) -> dict[str, np.ndarray]:
+    """The default ``DatabaseEncoder``: the method's ``database_codes``, in this process."""
+    return method.database_codes(batch)
 
 
 @dataclass
@@ -114,13 +124,15 @@ class Method:
         batch = stage.batch
         store.append(batch.ids, stage.index, batch.labels, stage.categories, self.database_codes(batch))
 
-    def append(self, batch: Batch, store: CodeStore, codes: dict[str, np.ndarray] | None = None) -> None:
+    def rewrite_codes(self, store: CodeStore, encoder: DatabaseEncoder) -> None:
+        """Codes of stored items that a stage changes: none. A lifelong method keeps old database
+        codes frozen (the joint baseline re-encodes them)."""
+
+    def append(self, batch: Batch, store: CodeStore, encoder: DatabaseEncoder = encode_here) -> None:
         """Add items of known categories to the database without training (the pipeline's
-        append of a batch that declares no new category). ``codes``: their ``database_codes``,
-        when computed elsewhere (shard by shard on Dask workers)."""
+        append of a batch that declares no new category), encoded by ``encoder``."""
         aligned = batch.with_categories(self.categories)
-        store.append(aligned.ids, self.stage, aligned.labels, self.categories,
-                     codes if codes is not None else self.database_codes(aligned))
+        store.append(aligned.ids, self.stage, aligned.labels, self.categories, encoder(self, aligned))
 
     # ---- shared machinery ----------------------------------------------------------------
     def _new_encoders(self) -> tuple[nn.Module, nn.Module]:
@@ -136,7 +148,9 @@ class Method:
             self.on_new_categories(len(self.categories), len(categories))
         self.categories = tuple(categories)
 
-    def learn(self, stage: Stage, store: CodeStore) -> StageResult:
+    def learn(self, stage: Stage, store: CodeStore, encoder: DatabaseEncoder = encode_here) -> StageResult:
+        """Train on the stage's batch and store its codes; stored items that the method
+        re-encodes (``rewrite_codes``) go through ``encoder``."""
         if stage.index != self.stage + 1:
             raise MethodError(f"{self.name}: expected stage {self.stage + 1}, got stage {stage.index}")
         self._check_inputs(stage.batch)
@@ -149,6 +163,7 @@ class Method:
         final_loss = self.train_stage(stage.batch, stage.index, store)
         trained = time.perf_counter()
         self.write_codes(stage, store)
+        self.rewrite_codes(store, encoder)
         encoded = time.perf_counter()
         self.stage = stage.index
         rewritten = np.zeros(len(before["image"]), bool)
@@ -242,6 +257,11 @@ class Method:
         write_json(directory / "method.json", {
             "method": self.name, "stage": self.stage, "categories": list(self.categories),
             "image_shape": list(self.image_shape), "text_dim": self.text_dim, "bits": self.bits})
+
+    def save_encoders(self, directory: Path) -> None:
+        """What encoding needs (a worker's copy); everything ``save`` writes unless a method keeps
+        data that only its training reads."""
+        self.save(directory)
 
     def restore(self, directory: Path) -> None:
         meta = json.loads((directory / "method.json").read_text())

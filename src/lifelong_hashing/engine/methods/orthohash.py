@@ -16,9 +16,8 @@ import torch
 from lifelong_hashing.engine.batch import Batch, load_batch, save_batch
 from lifelong_hashing.engine.codestore import CodeStore, pack_codes
 from lifelong_hashing.engine.losses import distillation, extend_codebook, orthohash_logits, orthohash_loss
-from lifelong_hashing.engine.methods.base import Method
+from lifelong_hashing.engine.methods.base import DatabaseEncoder, Method, encode_here
 from lifelong_hashing.engine.methods.memory import ExemplarMemory, balanced_sample, database_share_weights
-from lifelong_hashing.engine.stages import Stage
 
 
 class CodebookMethod(Method):
@@ -83,20 +82,26 @@ class Joint(CodebookMethod):
         everything = Batch.concat(self.seen).with_categories(self.categories)
         return self.fit(everything.image, everything.text, everything.labels, t, lifelong=False)
 
-    def write_codes(self, stage: Stage, store: CodeStore) -> None:
-        """Re-encode every stored item with the new encoders, found by id."""
-        for old in self.seen[:-1]:
-            store.overwrite(old.ids, self.database_codes(old))
-        super().write_codes(stage, store)
+    def rewrite_codes(self, store: CodeStore, encoder: DatabaseEncoder) -> None:
+        """Re-encode every item stored before this stage with the new encoders, found by id: the
+        cost lifelong methods avoid. One batch of them all, so that shards of it encode as in one
+        process."""
+        if len(self.seen) > 1:
+            past = Batch.concat(self.seen[:-1]).with_categories(self.categories)
+            store.overwrite(past.ids, encoder(self, past))
 
-    def append(self, batch: Batch, store: CodeStore, codes: dict[str, np.ndarray] | None = None) -> None:
-        super().append(batch, store, codes)
+    def append(self, batch: Batch, store: CodeStore, encoder: DatabaseEncoder = encode_here) -> None:
+        super().append(batch, store, encoder)
         self.seen.append(batch.with_categories(self.categories))
 
     def save(self, directory: Path) -> None:
         super().save(directory)
         for i, b in enumerate(self.seen):
             save_batch(b, directory / "seen" / f"batch_{i:04d}.npz")
+
+    def save_encoders(self, directory: Path) -> None:
+        """Without the kept batches: only retraining reads them."""
+        super().save(directory)
 
     def restore(self, directory: Path) -> None:
         super().restore(directory)
