@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -63,6 +65,34 @@ def test_counting_kernel_equals_a_stable_sort_and_faiss(bits, k, block, chunk):
     f_dist, f_idx = index.search(np.ascontiguousarray(q.view(np.uint8)[:, : bits // 8]), k)
     np.testing.assert_array_equal(idx, f_idx)
     np.testing.assert_array_equal(dist, f_dist)
+
+
+VARIANT_RUN = """
+import sys
+import numba.np.ufunc.parallel as threading_layer
+import numpy as np
+from lifelong_hashing.engine.kernels import hamming_topk_kernel
+codes = np.arange(1, 301, dtype=np.uint64)[None, :] * np.uint64(0x9E3779B97F4A7C15)
+hamming_topk_kernel(np.ascontiguousarray(codes[:, : int(sys.argv[1])].T), codes, 5, 64, 16, 64)
+print(threading_layer._is_initialized)
+"""
+
+
+def test_the_serial_and_parallel_kernels_each_run_their_own_build_from_the_on_disk_cache(tmp_path):
+    """Fresh processes sharing one numba cache: a single block of queries never starts the thread
+    pool, and many blocks do, whichever variant was cached first (a shared cache entry made one
+    run the other's code)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+
+    def starts_threads(queries: int) -> bool:
+        out = subprocess.run([sys.executable, "-c", VARIANT_RUN, str(queries)], env=env, capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[-1] == "True"
+
+    assert [starts_threads(q) for q in (1, 64, 1, 64)] == [False, True, False, True]
 
 
 def test_codes_of_256_bits_search_through_faiss_with_the_same_rule():

@@ -15,6 +15,8 @@ ties broken by database position needs no sort.
 
 from __future__ import annotations
 
+from types import FunctionType
+
 import numba
 import numpy as np
 from numba import types
@@ -195,5 +197,14 @@ def _hamming_topk(queries, columns, k, bits, block, chunk):
     return indices, distances
 
 
-_hamming_topk_parallel = numba.njit(parallel=True, nogil=True, cache=True)(_hamming_topk)
-_hamming_topk_serial = numba.njit(nogil=True, cache=True)(_hamming_topk)
+def _compiled(py_func, name: str, **flags):
+    """``py_func`` compiled under its own ``name``. Numba's on-disk cache is keyed by a function's
+    name and line, not by its flags: two builds of one function would each load whichever the
+    other cached first (the serial variant then woke the thread pool, the parallel one ran alone)."""
+    variant = FunctionType(py_func.__code__, py_func.__globals__, name, py_func.__defaults__, py_func.__closure__)
+    variant.__qualname__ = name
+    return numba.njit(nogil=True, cache=True, **flags)(variant)
+
+
+_hamming_topk_parallel = _compiled(_hamming_topk, "_hamming_topk_parallel", parallel=True)
+_hamming_topk_serial = _compiled(_hamming_topk, "_hamming_topk_serial")

@@ -52,14 +52,17 @@ class TextVocabulary:
 
 
 class RetrievalModel:
-    def __init__(self, version_dir: str | Path):
+    """One exported version, loaded for queries. ``encoder_threads``: ONNX Runtime threads per
+    encoder run (0: one per core; the service runs one and serves requests side by side)."""
+
+    def __init__(self, version_dir: str | Path, encoder_threads: int = 0):
         self.path = Path(version_dir)
         try:
             self.manifest = json.loads((self.path / "manifest.json").read_text())
             self.store = CodeStore.load(self.path / "codes.npz")
             encoders = self.manifest["encoders"]
-            self.sessions = {m: new_session(self.path / encoders[m].get("int8", {}).get("file", encoders[m]["file"]))
-                             for m in MODALITIES}
+            self.sessions = {m: new_session(self.path / encoders[m].get("int8", {}).get("file", encoders[m]["file"]),
+                                            encoder_threads) for m in MODALITIES}
             self.input_shapes = {m: tuple(encoders[m]["input_shape"]) for m in MODALITIES}
             self.indexes = load_indexes(self.path, self.manifest["index"]) if "index" in self.manifest else None
         except (OSError, KeyError, ValueError, CodeStoreError) as err:

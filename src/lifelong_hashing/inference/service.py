@@ -48,8 +48,8 @@ class ModelHolder:
     with nothing served yet, a refused ``CURRENT`` falls back to the newest version that loads
     (``fallback`` says which and why). A refused version is tried again when its files change."""
 
-    def __init__(self, models_dir: str | Path):
-        self.models_dir = Path(models_dir)
+    def __init__(self, models_dir: str | Path, encoder_threads: int = 0):
+        self.models_dir, self.encoder_threads = Path(models_dir), encoder_threads
         self.model: RetrievalModel | None = None
         self.seen: tuple | None = None  # (pointer name, fingerprint of its files) last acted on
         self.last_error: str | None = None
@@ -73,7 +73,7 @@ class ModelHolder:
                 return False
             if name is not None:
                 try:
-                    return self._serve(RetrievalModel(versions_dir(self.models_dir) / name), fallback=None)
+                    return self._serve(RetrievalModel(versions_dir(self.models_dir) / name, self.encoder_threads), fallback=None)
                 except ModelLoadError as err:
                     error = f"refused version {name}: {err}"
             self.last_error = error
@@ -92,7 +92,7 @@ class ModelHolder:
         """Nothing served yet and the pointer unusable: serve the newest version that loads."""
         for name in reversed(list_versions(self.models_dir)):
             try:
-                model = RetrievalModel(versions_dir(self.models_dir) / name)
+                model = RetrievalModel(versions_dir(self.models_dir) / name, self.encoder_threads)
             except ModelLoadError as err:
                 log.error("fallback: refused version %s: %s", name, err)
                 continue
@@ -136,7 +136,7 @@ class Problem(_Strict):
 
 def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watch: bool = True) -> FastAPI:
     cfg = cfg or ServingConfig()
-    holder = ModelHolder(models_dir)
+    holder = ModelHolder(models_dir, cfg.encoder_threads)
     stop = threading.Event()
     batcher: QueryBatcher | None = None
 
