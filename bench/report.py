@@ -190,7 +190,9 @@ def scale_summary(search: dict, serve: dict, sharded: dict) -> str:
         f"- **Serving**: requests that arrive together are encoded and searched as one batch; `/search` serves "
         f"{serve['ratio_to_bare']:.2f} ± {serve['ratio_to_bare_sd']:.2f} of the requests/s of a bare FastAPI "
         f"endpoint under the same server ({serve['service']['requests_per_s']:.0f} vs "
-        f"{serve['bare']['requests_per_s']:.0f}).",
+        f"{serve['bare']['requests_per_s']:.0f}), a rate the client bounds; each request costs the service "
+        f"{serve['service']['server_cpu_us_per_request']:.0f} µs of CPU against the bare endpoint's "
+        f"{serve['bare']['server_cpu_us_per_request']:.0f} (encoding and searching a query).",
         f"- **Sharded work**: `pipeline.dask` encodes append batches and scores evaluation queries shard by shard "
         f"on Dask workers through Prefect, identical to one process. Encoding {largest:,} items: "
         f"{alone['seconds']:.0f} s in one process at one thread ({rows[(0, 2)]['seconds']:.0f} s at two), "
@@ -233,11 +235,13 @@ def encoder_table(rows: list[dict]) -> str:
 
 def load_table(r: dict) -> str:
     """bench/serve_load.py: the real service beside a bare FastAPI endpoint, same client and server."""
-    rows = ["| endpoint | requests | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
+    rows = ["| endpoint | requests | req/s | p50 ms | p99 ms | server CPU µs / request | client CPU µs / request "
+            "| errors |", "|---|---|---|---|---|---|---|---|"]
     for name, label in (("bare", "bare FastAPI (parse body, fixed hits)"), ("service", "lhash serve /search")):
         m = r[name]
+        cpu = f"{m['server_cpu_us_per_request']:,.0f} | {m['client_cpu_us_per_request']:,.0f}"
         rows.append(f"| {label} | {m['requests']:,} | {m['requests_per_s']} | {m['p50_ms']} | {m['p99_ms']} "
-                    f"| {m['errors']} |")
+                    f"| {cpu} | {m['errors']} |")
     return "\n".join(rows + ["", f"{r['clients']} clients, {r['rounds']} alternating rounds of {r['seconds']:g} s per "
                                   f"endpoint (req/s and latencies: medians), {r['database_size']:,} codes; **ratio to "
                                   f"bare: {r['ratio_to_bare']:.2f} ± {r['ratio_to_bare_sd']:.2f}** (per round)"])

@@ -2,15 +2,18 @@
 ceiling: a bare FastAPI endpoint, served by the same uvicorn settings, that parses the same
 request body (one 1,000-float Wikipedia text query) and returns ten fixed hits. Same threaded
 client, same clients; both servers up at once and measured in alternating rounds, so the
-machine's slow spells hit both. Reports requests/s, p50/p99 latency (medians over rounds), errors
-and ``ratio_to_bare`` (service req/s ÷ bare req/s of the same round, mean ± sd) in
-bench/results/serve_load.json.
+machine's slow spells hit both. Reports requests/s, p50/p99 latency (medians over rounds), errors,
+the CPU time per request of the server process and of the client, and ``ratio_to_bare`` (service
+req/s ÷ bare req/s of the same round, mean ± sd) in bench/results/serve_load.json. Where the
+client's CPU per request is the larger, the client bounds both rates and the ratio says only
+that the service keeps up with it; the servers' CPU per request says what each costs.
 
     python bench/serve_load.py [--rounds 5] [--seconds 8] [--clients 8] [--state runs/wikipedia/state]
 """
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -56,7 +59,13 @@ def serve_bare(port: int) -> None:
     run_server(bare_app(), load_params(ROOT / "params.yaml").serving, "127.0.0.1", port)
 
 
-def load(url: str, queries: np.ndarray, seconds: float, clients: int, k: int) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid``, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(url: str, server_pid: int, queries: np.ndarray, seconds: float, clients: int, k: int) -> dict:
     """``clients`` threads posting one random query each, back to back, for ``seconds``."""
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
@@ -76,23 +85,26 @@ def load(url: str, queries: np.ndarray, seconds: float, clients: int, k: int) ->
                 errors[i] += not ok
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    began = time.perf_counter()
+    began, server_began, client_began = time.perf_counter(), cpu_seconds(server_pid), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - began
+    server_cpu, client_cpu = cpu_seconds(server_pid) - server_began, time.process_time() - client_began
     lat = np.concatenate([np.asarray(x) for x in latencies]) * 1000
     return {"requests": int(lat.size), "requests_per_s": round(lat.size / elapsed, 1),
             "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
-            "errors": int(sum(errors))}
+            "server_cpu_us_per_request": round(server_cpu / lat.size * 1e6, 1),
+            "client_cpu_us_per_request": round(client_cpu / lat.size * 1e6, 1), "errors": int(sum(errors))}
 
 
 def summary(runs: list[dict]) -> dict:
     """All rounds of one endpoint: their requests and errors summed, rates and latencies as medians."""
     return {"requests": sum(r["requests"] for r in runs), "errors": sum(r["errors"] for r in runs),
             **{key: round(float(np.median([r[key] for r in runs])), 2)
-               for key in ("requests_per_s", "p50_ms", "p99_ms")}}
+               for key in ("requests_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_request",
+                           "client_cpu_us_per_request")}}
 
 
 def main() -> None:
@@ -118,10 +130,11 @@ def main() -> None:
     try:
         urls = {"bare": wait_healthy(bare, f"http://127.0.0.1:{port}", work / "bare.log")}
         service, urls["service"] = start_service(models, work / "serve.log")
+        pids = {"bare": bare.pid, "service": service.pid}
         rounds = {"bare": [], "service": []}
         for _ in range(args.rounds):  # alternated, so a slow spell of the machine hits both
             for name in rounds:
-                rounds[name].append(load(urls[name], queries, args.seconds, args.clients, args.k))
+                rounds[name].append(load(urls[name], pids[name], queries, args.seconds, args.clients, args.k))
     finally:
         for proc in (bare, service):
             if proc is not None:

@@ -63,3 +63,61 @@ def test_an_error_in_a_batch_reaches_every_request_of_it_and_the_worker_goes_on(
             batcher.close()
 
     assert asyncio.run(scenario()) == [[1.0]]
+
+
+def test_small_requests_of_one_turn_run_on_the_event_loop_a_few_rows_at_a_time():
+    """Inline requests that arrive in the same turn share batches of at most ``inline_rows`` rows,
+    on the loop's own thread, with the loop free between batches; a request too large for
+    inline (or not marked so) runs on a worker thread. Each gets its own rows back."""
+    runs: list[tuple[int, bool]] = []
+    seen_between: list[int] = []  # inline batches run when a callback queued by the first one ran
+
+    def inline_runs() -> int:
+        return sum(on_loop for _, on_loop in runs)
+
+    def work(rows: np.ndarray) -> np.ndarray:
+        on_loop = threading.current_thread() is threading.main_thread()
+        runs.append((len(rows), on_loop))
+        if on_loop and inline_runs() == 1:
+            asyncio.get_running_loop().call_soon(lambda: seen_between.append(inline_runs()))
+        return rows + 1
+
+    async def scenario() -> bool:
+        batcher = QueryBatcher(threads=1, max_rows=100, inline_rows=3)
+        try:
+            rows = [np.full((n, 2), i, dtype=np.float32) for i, n in enumerate([1, 1, 1, 1, 1, 4, 1])]
+            inline = [True, True, True, True, True, True, False]
+            tasks = [asyncio.create_task(batcher.submit("k", r, work, lambda out: out.copy(), inline=flag))
+                     for r, flag in zip(rows, inline, strict=True)]
+            replies = await asyncio.gather(*tasks)
+            return all(np.array_equal(reply, r + 1) for reply, r in zip(replies, rows, strict=True))
+        finally:
+            batcher.close()
+
+    assert asyncio.run(scenario())
+    on_loop = [size for size, main in runs if main]
+    on_threads = sorted(size for size, main in runs if not main)
+    assert on_loop == [3, 2]  # five one-row requests, three rows per turn
+    assert on_threads in ([1, 4], [5])  # the 4-row request and the one not marked inline
+    assert seen_between == [1]  # the loop ran other work between the two inline batches
+
+
+def test_an_error_in_an_inline_batch_reaches_every_request_of_it():
+    def work(rows: np.ndarray) -> np.ndarray:
+        if np.isnan(rows).any():
+            raise ValueError("bad rows")
+        return rows
+
+    async def scenario():
+        batcher = QueryBatcher(threads=1, max_rows=10, inline_rows=4)
+        try:
+            bad = [asyncio.create_task(batcher.submit("k", np.array([[v]]), work, lambda out: out, inline=True))
+                   for v in (1.0, np.nan)]
+            outcomes = await asyncio.gather(*bad, return_exceptions=True)
+            after = await batcher.submit("k", np.array([[2.0]]), work, lambda out: out.tolist(), inline=True)
+            return outcomes, after
+        finally:
+            batcher.close()
+
+    outcomes, after = asyncio.run(scenario())
+    assert all(isinstance(o, ValueError) for o in outcomes) and after == [[2.0]]

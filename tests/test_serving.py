@@ -189,11 +189,14 @@ def test_text_query_returns_images_of_its_category(wiki, server):
 
 def test_concurrent_queries_batched_together_get_their_own_answers(wiki, server):
     """Requests that arrive together are encoded and searched as one batch; each must still get
-    exactly the reply it gets alone, including one whose radius differs (a different batch key)."""
+    exactly the reply it gets alone, including one whose radius differs (a different batch key)
+    and large ones (over serving.inline_hits: batched on the search threads, not the loop)."""
     queries = wiki["data"].queries
     bodies = [{"modality": "text", "k": 7, "features": [queries.text[i].tolist()]} for i in range(24)]
     bodies += [{"modality": "image", "k": 5, "radius": 20, "features": queries.image[i:i + 3].tolist()}
                for i in range(8)]
+    bodies += [{"modality": "image", "k": 300, "target": "both", "features": queries.image[i:i + 2].tolist()}
+               for i in range(6)]
     with httpx.Client(base_url=server, timeout=60) as session:
         alone = [session.post("/search", json=b).json() for b in bodies]
     together: list = [None] * len(bodies)
@@ -209,7 +212,8 @@ def test_concurrent_queries_batched_together_get_their_own_answers(wiki, server)
         t.join()
     assert together == alone
     assert all(len(hits) <= 5 and all(h["distance"] <= 20 for h in hits)
-               for reply in alone[24:] for result in reply["results"] for hits in result.values())
+               for reply in alone[24:32] for result in reply["results"] for hits in result.values())
+    assert all(len(hits) == 300 for reply in alone[32:] for result in reply["results"] for hits in result.values())
 
 
 def test_version_and_health_tell_the_truth(wiki, server):

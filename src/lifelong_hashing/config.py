@@ -169,6 +169,8 @@ class ServingConfig(_Strict):
     max_body_bytes: int = Field(8 << 20, gt=0)  # counted as the bytes arrive, chunked or not
     search_threads: int = Field(2, gt=0)  # encode/search batches at once; waiting requests join one
     encoder_threads: int = Field(1, ge=0)  # ONNX Runtime threads per encoder run (0: one per core)
+    inline_rows: int = Field(8, ge=0)  # requests this small run on the event loop (batching.py); 0: none
+    inline_hits: int = Field(1000, ge=0)  # ... and, for /search, with at most this many hits
     max_connections: int = Field(256, gt=0)  # more are closed on accept; requests past it get 503
     header_timeout_seconds: float = Field(10.0, gt=0)  # a connection must send its headers by then
     keep_alive_seconds: int = Field(5, gt=0)  # idle keep-alive connections are closed after this

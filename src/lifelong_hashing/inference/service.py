@@ -7,8 +7,8 @@ refused and the old one stays. Every bad request gets a 4xx that says what is wr
 
 What one client can take is bounded (``serving`` in params.yaml): body bytes, counted as they
 arrive; hits per request (queries × k × targets); encode/search batches at once (requests that
-wait meanwhile join one batch: ``batching.QueryBatcher``; work runs in worker threads, never on
-the event loop, so ``/health`` keeps answering); open connections and
+wait meanwhile join one batch: ``batching.QueryBatcher``; small ones run on the event loop, a few
+rows per turn, larger ones in worker threads, so ``/health`` keeps answering); open connections and
 the time a connection may take to send its headers. An API key (environment variable named by
 ``serving.api_key_env``) guards every path but ``/health`` when set; the Host header must be one
 of ``serving.allowed_hosts``.
@@ -73,7 +73,8 @@ class ModelHolder:
                 return False
             if name is not None:
                 try:
-                    return self._serve(RetrievalModel(versions_dir(self.models_dir) / name, self.encoder_threads), fallback=None)
+                    model = RetrievalModel(versions_dir(self.models_dir) / name, self.encoder_threads)
+                    return self._serve(model, fallback=None)
                 except ModelLoadError as err:
                     error = f"refused version {name}: {err}"
             self.last_error = error
@@ -165,7 +166,7 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
     async def lifespan(app: FastAPI):
         nonlocal batcher
         holder.refresh()
-        batcher = QueryBatcher(cfg.search_threads, max_rows=cfg.max_queries)
+        batcher = QueryBatcher(cfg.search_threads, max_rows=cfg.max_queries, inline_rows=cfg.inline_rows)
         thread = threading.Thread(target=watch_pointer, name="model-watcher", daemon=True)
         if watch:
             thread.start()
@@ -243,7 +244,7 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
                           "codes": [row.view("u1")[:width].tobytes().hex() for row in codes]})
 
         return await batcher.submit((model, "encode", query.modality), x,
-                                    functools.partial(model.encode, query.modality), render)
+                                    functools.partial(model.encode, query.modality), render, inline=True)
 
     @app.post("/search", responses={**problems, 200: {"model": SearchResponse}}, response_class=Response,
               openapi_extra=request_schema(SearchRequest))
@@ -251,19 +252,21 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
         query, model, x = await parse(request, SearchRequest)
         other = "text" if query.modality == "image" else "image"
         targets = {"other": (other,), "image": ("image",), "text": ("text",), "both": ("image", "text")}[query.target]
-        if len(x) * query.k * len(targets) > cfg.max_hits:
-            raise QueryError(f"the request asks for {len(x) * query.k * len(targets):,} hits (queries × k × "
-                             f"targets), over the limit of {cfg.max_hits:,}: send fewer queries or a smaller k")
+        hits = len(x) * query.k * len(targets)
+        if hits > cfg.max_hits:
+            raise QueryError(f"the request asks for {hits:,} hits (queries × k × targets), over the limit of "
+                             f"{cfg.max_hits:,}: send fewer queries or a smaller k")
         return await batcher.submit(
             (model, "search", query.modality, query.k, query.radius, targets), x,
             functools.partial(model.search, query.modality, k=query.k, radius=query.radius, targets=targets),
-            lambda results: _json({"model_version": model.version, "results": results}))
+            lambda results: _json({"model_version": model.version, "results": results}),
+            inline=hits <= cfg.inline_hits)
 
     return app
 
 
 def _json(payload: dict) -> Response:
-    """Rendered here, in the request's worker thread, not on the event loop."""
+    """Rendered with the request's batch (in a worker thread for a large one)."""
     return Response(json.dumps(payload, separators=(",", ":")).encode(), media_type="application/json")
 
 
