@@ -73,7 +73,11 @@ class DaskCluster:
     """``pipeline.dask`` for one run: the scheduler at ``address``, or a LocalCluster of
     ``workers`` single-threaded processes started at first use and closed with the run (each
     task runs ``train.threads`` torch threads itself). Tasks get the scheduler's address, a
-    string: a task's parameters travel with every task it submits."""
+    string: a task's parameters travel with every task it submits.
+
+    The LocalCluster's workers report their task runs to the flow's own Prefect API (its
+    temporary server when none is configured). Left to themselves, workers without
+    ``PREFECT_API_URL`` each start a temporary server of their own and keep their task runs there."""
 
     def __init__(self, cfg: DaskConfig):
         self.cfg, self._local = cfg, None
@@ -83,9 +87,12 @@ class DaskCluster:
             return self.cfg.address
         if self._local is None:
             from distributed import LocalCluster
+            from prefect.client.orchestration import get_client
 
+            with get_client(sync_client=True) as client:
+                api = str(client.api_url)
             self._local = LocalCluster(n_workers=self.cfg.workers, threads_per_worker=1, processes=True,
-                                       dashboard_address=None)
+                                       dashboard_address=None, env={"PREFECT_API_URL": api})
         return self._local.scheduler_address
 
     def close(self) -> None:
@@ -118,10 +125,9 @@ class DaskEncoder:
         shards = sharding.write_shards(batch, out / "shards", self.rows)
         encoded = on_dask(encode_shards, self.address)(str(encoders), [str(p) for p in shards])
         codes = sharding.read_shard_codes(encoded)
-        self.shards += len(shards)
-        self.seconds += time.perf_counter() - start
-        get_run_logger().info("encoded %d items in %d shards on Dask in %.1f s", len(batch), len(shards),
-                              time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        self.shards, self.seconds = self.shards + len(shards), self.seconds + elapsed
+        get_run_logger().info("encoded %d items in %d shards on Dask in %.1f s", len(batch), len(shards), elapsed)
         return codes
 
 

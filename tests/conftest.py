@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -132,6 +134,13 @@ def prefect_harness(prefect_api):
 
     with temporary_settings({PREFECT_API_URL: prefect_api[0]}):
         yield
+
+
+def thread_in_context(target, *args) -> threading.Thread:
+    """A thread running ``target`` in a copy of this thread's context. The session's Prefect
+    settings are a context variable, which a plain thread does not inherit: a flow run there
+    would start a temporary server of its own (15 s) and report to it."""
+    return threading.Thread(target=contextvars.copy_context().run, args=(target, *args))
 
 
 def run(root: Path, **extra):

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import threading
 import time
 
 import numpy as np
@@ -24,7 +23,7 @@ from lifelong_hashing.inference.versions import current_dir, current_version
 from lifelong_hashing.operations.pipeline import evaluation_queries
 from lifelong_hashing.operations.registry import Registry
 
-from .conftest import PARAMS, drop, run, settings, snapshot
+from .conftest import PARAMS, drop, run, settings, snapshot, thread_in_context
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
 SHARD_ROWS = 4096  # one encoder block: the batch below makes 3 shards
@@ -72,6 +71,9 @@ def test_an_append_encoded_and_scored_on_a_local_cluster_equals_the_in_process_r
     recorded = json.loads((Registry(workspace / "ws", "").state_dir / "state.json").read_text())["history"][-1]
     assert recorded == json.loads(json.dumps(reference.history[-1]))
     assert subflow_runs(state, "score shards") == 2 and subflow_runs(state, "encode shards") == 1
+    # The workers' own task runs are recorded on the flow's Prefect server, not on temporary
+    # servers of their own: one per shard, each run by a worker process.
+    assert shard_task_runs(state, "encode shards") == 3
     served = served_store(workspace)
     assert len(served) == len(expected) == 902 + len(batch)
     np.testing.assert_array_equal(served.ids, expected.ids)
@@ -118,12 +120,15 @@ def test_a_worker_killed_mid_run_keeps_the_served_version_and_the_batch_is_retri
     before = snapshot(workspace)
     # No silent re-run on another worker: the kill must fail the run, as on a cluster that keeps
     # losing workers, so that the pipeline's own retry is what is tested.
+    # A cluster as a user runs one: its workers told where the Prefect server is.
+    worker_env = {"PREFECT_API_URL": prefect_api_url()}
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                         env=worker_env) as cluster, \
             Client(cluster) as client:
         dask_settings = {"pipeline.dask.address": cluster.scheduler_address, "pipeline.dask.shard_rows": SHARD_ROWS}
         outcome: dict = {}
-        runner = threading.Thread(target=lambda: outcome.setdefault("state", run(workspace, **dask_settings)))
+        runner = thread_in_context(lambda: outcome.setdefault("state", run(workspace, **dask_settings)))
         runner.start()
         killed = kill_a_busy_worker(client, timeout=240)
         runner.join(600)
@@ -142,17 +147,38 @@ def test_a_worker_killed_mid_run_keeps_the_served_version_and_the_batch_is_retri
         np.testing.assert_array_equal(served.codes[modality], expected.codes[modality])
 
 
-def subflow_runs(state, name: str) -> int:
-    """Completed runs of the subflow ``name`` inside the flow run that ended in ``state``."""
+def subflow_run_list(state, name: str) -> list:
+    """The runs of the subflow ``name`` inside the flow run that ended in ``state``."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterParentFlowRunId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(
+        return client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=[name])),
             flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(
                 any_=[state.state_details.flow_run_id])))
-    return sum(1 for r in runs if r.state.is_completed())
+
+
+def subflow_runs(state, name: str) -> int:
+    """Completed runs of the subflow ``name`` inside the flow run that ended in ``state``."""
+    return sum(1 for r in subflow_run_list(state, name) if r.state.is_completed())
+
+
+def shard_task_runs(state, subflow: str) -> int:
+    """Completed task runs, as the flow's Prefect server has them, inside the runs of ``subflow``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    ids = [r.id for r in subflow_run_list(state, subflow)]
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+    return sum(1 for r in runs if r.state is not None and r.state.is_completed())
+
+
+def prefect_api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
 
 
 def kill_a_busy_worker(client, timeout: float) -> bool:

@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from lifelong_hashing.engine.state import new_state
 from lifelong_hashing.inference.versions import current_version
 from lifelong_hashing.operations.registry import Registry
 
-from .conftest import PARAMS, ROOT, drop, run, settings, snapshot
+from .conftest import PARAMS, ROOT, drop, run, settings, snapshot, thread_in_context
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
 
@@ -195,7 +194,7 @@ def test_concurrent_runs_process_a_batch_once(workspace, stage_files):
     def go(i):
         states[i] = run(workspace)
 
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+    threads = [thread_in_context(go, i) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
