@@ -193,7 +193,8 @@ def scale_summary(search: dict, serve: dict, sharded: dict) -> str:
         f"{serve['bare']['requests_per_s']:.0f}), a rate the client bounds; each request costs the service "
         f"{serve['service']['server_cpu_us_per_request']:.0f} µs of CPU against the bare endpoint's "
         f"{serve['bare']['server_cpu_us_per_request']:.0f} (encoding and searching a query).",
-        f"- **Sharded work**: `pipeline.dask` encodes append batches and scores evaluation queries shard by shard "
+        f"- **Sharded work**: `pipeline.dask` encodes append batches (and the joint baseline's re-encoding) and scores "
+        f"evaluation queries shard by shard "
         f"on Dask workers through Prefect, identical to one process. Encoding {largest:,} items: "
         f"{alone['seconds']:.0f} s in one process at one thread ({rows[(0, 2)]['seconds']:.0f} s at two), "
         f"{two['warm_seconds']:.0f} s on 2 warm one-thread workers ({two['seconds']:.0f} s cold) of this 2-core "

@@ -83,15 +83,14 @@ def one(size: int, workers: int, state_dir: Path, work: Path) -> dict:
         start = time.perf_counter()
         codes = method.database_codes(batch)
         return {"seconds": time.perf_counter() - start, "peak_mb": peak_mb(), "codes": digest(codes)}
-    from distributed import Client, LocalCluster
+    from distributed import Client
     from prefect import flow
 
-    from flows.pipeline import encode_shards, on_dask
+    from flows.pipeline import encode_shards, local_cluster, on_dask
 
     flow(lambda: None, name="warm-up")()  # the temporary Prefect server starts here, untimed
     start = time.perf_counter()
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with local_cluster(workers) as cluster, Client(cluster) as client:  # as the pipeline starts one
         cluster_seconds = time.perf_counter() - start
         runs = []
         for attempt in ("cold", "warm"):  # warm: the workers have imported torch and loaded the model

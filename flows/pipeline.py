@@ -73,11 +73,7 @@ class DaskCluster:
     """``pipeline.dask`` for one run: the scheduler at ``address``, or a LocalCluster of
     ``workers`` single-threaded processes started at first use and closed with the run (each
     task runs ``train.threads`` torch threads itself). Tasks get the scheduler's address, a
-    string: a task's parameters travel with every task it submits.
-
-    The LocalCluster's workers report their task runs to the flow's own Prefect API (its
-    temporary server when none is configured). Left to themselves, workers without
-    ``PREFECT_API_URL`` each start a temporary server of their own and keep their task runs there."""
+    string: a task's parameters travel with every task it submits."""
 
     def __init__(self, cfg: DaskConfig):
         self.cfg, self._local = cfg, None
@@ -86,19 +82,26 @@ class DaskCluster:
         if self.cfg.address:
             return self.cfg.address
         if self._local is None:
-            from distributed import LocalCluster
-            from prefect.client.orchestration import get_client
-
-            with get_client(sync_client=True) as client:
-                api = str(client.api_url)
-            self._local = LocalCluster(n_workers=self.cfg.workers, threads_per_worker=1, processes=True,
-                                       dashboard_address=None, env={"PREFECT_API_URL": api})
+            self._local = local_cluster(self.cfg.workers)
         return self._local.scheduler_address
 
     def close(self) -> None:
         if self._local is not None:
             self._local.close()
             self._local = None
+
+
+def local_cluster(workers: int):
+    """A LocalCluster of ``workers`` single-threaded processes whose task runs report to this
+    process's Prefect API (its temporary server when none is configured). Left to themselves,
+    workers without ``PREFECT_API_URL`` each start a temporary server and keep their runs there."""
+    from distributed import LocalCluster
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        api = str(client.api_url)
+    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                        env={"PREFECT_API_URL": api})
 
 
 def on_dask(subflow, address: str):
