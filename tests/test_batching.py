@@ -11,6 +11,12 @@ from lifelong_hashing.inference.batching import QueryBatcher
 pytestmark = pytest.mark.unit
 
 
+def fails_on_nan(rows: np.ndarray) -> np.ndarray:
+    if np.isnan(rows).any():
+        raise ValueError("bad rows")
+    return rows
+
+
 def test_waiting_requests_of_one_key_share_a_batch_and_get_their_own_rows():
     batches: list[int] = []
     gate = threading.Event()
@@ -48,17 +54,12 @@ def test_waiting_requests_of_one_key_share_a_batch_and_get_their_own_rows():
 
 
 def test_an_error_in_a_batch_reaches_every_request_of_it_and_the_worker_goes_on():
-    def work(rows: np.ndarray) -> np.ndarray:
-        if np.isnan(rows).any():
-            raise ValueError("bad rows")
-        return rows
-
     async def scenario():
         batcher = QueryBatcher(threads=1, max_rows=10)
         try:
             with pytest.raises(ValueError, match="bad rows"):
-                await batcher.submit("k", np.array([[np.nan]]), work, lambda out: out)
-            return await batcher.submit("k", np.array([[1.0]]), work, lambda out: out.tolist())
+                await batcher.submit("k", np.array([[np.nan]]), fails_on_nan, lambda out: out)
+            return await batcher.submit("k", np.array([[1.0]]), fails_on_nan, lambda out: out.tolist())
         finally:
             batcher.close()
 
@@ -103,18 +104,14 @@ def test_small_requests_of_one_turn_run_on_the_event_loop_a_few_rows_at_a_time()
 
 
 def test_an_error_in_an_inline_batch_reaches_every_request_of_it():
-    def work(rows: np.ndarray) -> np.ndarray:
-        if np.isnan(rows).any():
-            raise ValueError("bad rows")
-        return rows
-
     async def scenario():
         batcher = QueryBatcher(threads=1, max_rows=10, inline_rows=4)
         try:
-            bad = [asyncio.create_task(batcher.submit("k", np.array([[v]]), work, lambda out: out, inline=True))
+            bad = [asyncio.create_task(batcher.submit("k", np.array([[v]]), fails_on_nan, lambda out: out, inline=True))
                    for v in (1.0, np.nan)]
             outcomes = await asyncio.gather(*bad, return_exceptions=True)
-            after = await batcher.submit("k", np.array([[2.0]]), work, lambda out: out.tolist(), inline=True)
+            after = await batcher.submit("k", np.array([[2.0]]), fails_on_nan, lambda out: out.tolist(),
+                                        inline=True)
             return outcomes, after
         finally:
             batcher.close()

@@ -218,9 +218,9 @@ class ScheduleConfig(_Strict):
 
 
 class DaskConfig(_Strict):
-    """Where the pipeline's data-parallel work runs (flows/pipeline.py): encoding the items of a
-    batch of known categories and scoring the evaluation queries, shard by shard. Neither
-    ``address`` nor ``workers`` set: in the flow's own process."""
+    """Where the pipeline's data-parallel work runs (flows/pipeline.py), shard by shard: database
+    encoding (a batch of known categories, the joint baseline's re-encoding) and scoring the
+    evaluation queries. Neither ``address`` nor ``workers`` set: in the flow's own process."""
 
     address: str | None = None  # an existing Dask scheduler, e.g. tcp://10.0.0.5:8786
     workers: int = Field(0, ge=0)  # else a LocalCluster of this many worker processes, for the run

@@ -248,7 +248,7 @@ def train(registry: Registry, arrival: Arrival, validation: ValidationResult, pa
     ``encoder`` compute per-query scores and database codes (appended, or re-encoded by the joint
     baseline) in this process by default, on Dask workers from the flow."""
     state = current_state(registry)
-    batch = _accepted_batch(arrival, params)
+    batch = load_batch(arrival.path, params.validation.max_rows, params.validation.max_bytes)  # as validated
     if state is None:
         state = new_state(params, batch.image.shape[1:], batch.text.shape[1])
     before = _average_map(state.history[-1]) if state.history else None
@@ -268,11 +268,6 @@ def train(registry: Registry, arrival: Arrival, validation: ValidationResult, pa
                      work, before,
                      _average_map(record), {"train": time.perf_counter() - start},
                      validation_dir=str(work / "validation"))
-
-
-def _accepted_batch(arrival: Arrival, params: Params) -> Batch:
-    """The batch file as validation read it (same row and size limits)."""
-    return load_batch(arrival.path, params.validation.max_rows, params.validation.max_bytes)
 
 
 def export(candidate: Candidate, registry: Registry, config: ExportConfig, index: IndexConfig) -> Candidate:
