@@ -21,9 +21,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-DOCS = (ROOT / "docs" / "benchmarks.md", ROOT / "README.md")
+DOCS = (ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "methods.md", ROOT / "README.md")
 METHODS = ("joint", "finetune", "dlch", "ccmh_gam", "orthohash")
 DATASETS = ("wikipedia", "mirflickr25k", "synthetic")
+RULES = ("labels", "encoders")  # method.database_codes
+CATALOGUES = ("labelled", "mixed")
+DIRECTIONS = ("i2t", "t2i")
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(.*?)(<!-- end generated -->)", re.S)
 
 
@@ -47,74 +50,134 @@ def versus(group: list[dict], method: str, baseline: str, direction: str) -> str
     return f"{gap:+.3f} ± {sd:.3f} ({verdict})"
 
 
+def _settings(rows: list[dict], datasets: tuple[str, ...]) -> list[tuple]:
+    keys = {(r["dataset"], r["order"], r["bits"], r["catalogue"]) for r in rows if r["dataset"] in datasets}
+    return sorted(keys, key=lambda k: (datasets.index(k[0]), k[1], k[2], CATALOGUES.index(k[3])))
+
+
+def _mean(group: list[dict], method: str, rule: str, key: str) -> float:
+    return mean_sd([r[key] for r in group if (r["method"], r["rule"]) == (method, rule)])[0]
+
+
+def ceiling(group: list[dict], direction: str) -> tuple[float, str]:
+    """The quality ceiling of a direction: the stronger of joint's storing rules (mean over seeds)."""
+    return max((_mean(group, "joint", rule, direction), rule) for rule in RULES
+               if any((r["method"], r["rule"]) == ("joint", rule) for r in group))
+
+
 def quality_tables(rows: list[dict], datasets: tuple[str, ...] = DATASETS) -> str:
-    """bench/quality.py: per dataset, order and bits, mean ± sd over seeds, each method against
-    joint and against finetune (``versus``)."""
+    """bench/quality.py: per dataset, order, bits and catalogue, every method under each storing
+    rule, mean ± sd over seeds: against the ceiling (the stronger joint), against joint under the
+    same rule, and against finetune under the same rule (``versus``)."""
     out = []
-    keys = sorted({(r["dataset"], r["order"], r["bits"]) for r in rows if r["dataset"] in datasets},
-                  key=lambda k: (datasets.index(k[0]), k[1:]))
-    for dataset, order, bits in keys:
-        group = [r for r in rows if (r["dataset"], r["order"], r["bits"]) == (dataset, order, bits)]
-        methods = [m for m in METHODS if any(r["method"] == m for r in group)]
-        stat = {m: {k: mean_sd([r[k] for r in group if r["method"] == m]) for k in ("i2t", "t2i", "train_seconds")}
-                for m in methods}
+    for dataset, order, bits, catalogue in _settings(rows, datasets):
+        group = [r for r in rows if (r["dataset"], r["order"], r["bits"], r["catalogue"]) == (dataset, order, bits,
+                                                                                            catalogue)]
         seeds = len({r["seed"] for r in group})
-        out += [f"\n#### {dataset}, order {order}, {bits} bits ({seeds} seeds)\n",
-                "| method | avg mAP I→T | avg mAP T→I | % of joint I→T / T→I | vs finetune I→T / T→I "
-                "| train s | % of joint's time | codes rewritten |",
-                "|---|---|---|---|---|---|---|---|"]
-        for m in methods:
-            s = stat[m]
-            cells = [m, pm(s["i2t"], 4), pm(s["t2i"], 4)]
-            if "joint" in stat:
-                j = stat["joint"]
-                cells.append(f"{s['i2t'][0] / j['i2t'][0]:.1%} / {s['t2i'][0] / j['t2i'][0]:.1%}")
-                time_share = f"{s['train_seconds'][0] / j['train_seconds'][0]:.0%}"
-            else:
-                cells.append("–")
-                time_share = "–"
-            cells.append(" / ".join(versus(group, m, "finetune", d) for d in ("i2t", "t2i"))
-                         if "finetune" in stat and m != "finetune" else "–")
-            rewritten = max(r["codes_rewritten"] for r in group if r["method"] == m)
-            cells += [pm(s["train_seconds"], 1), time_share, f"{rewritten:,}"]
-            out.append("| " + " | ".join(cells) + " |")
+        top = {d: ceiling(group, d) for d in DIRECTIONS}
+        out += [f"\n#### {dataset}, order {order}, {bits} bits, {catalogue} catalogue ({seeds} seeds; ceiling: "
+                f"joint with {top['i2t'][1]} codes I→T, {top['t2i'][1]} codes T→I)\n",
+                "| method | stored codes | avg mAP I→T | avg mAP T→I | % of ceiling I→T / T→I "
+                "| % of joint, same codes | vs finetune, same codes | train s | % of joint's time | codes rewritten |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for rule in RULES:
+            same = [r for r in group if r["rule"] == rule]
+            for m in [m for m in METHODS if any(r["method"] == m for r in same)]:
+                out.append(_quality_row(same, m, rule, top))
     return "\n".join(out).lstrip("\n")
 
 
+def _quality_row(same: list[dict], method: str, rule: str, top: dict) -> str:
+    stat = {k: mean_sd([r[k] for r in same if r["method"] == method]) for k in ("i2t", "t2i", "train_seconds")}
+    has = {r["method"] for r in same}
+    cells = [method, rule, pm(stat["i2t"], 4), pm(stat["t2i"], 4),
+             " / ".join(f"{stat[d][0] / top[d][0]:.1%}" for d in DIRECTIONS)]
+    if "joint" in has:
+        cells.append(" / ".join(f"{stat[d][0] / _mean(same, 'joint', rule, d):.1%}" for d in DIRECTIONS))
+        time_share = f"{stat['train_seconds'][0] / _mean(same, 'joint', rule, 'train_seconds'):.0%}"
+    else:
+        cells.append("–")
+        time_share = "–"
+    cells.append(" / ".join(versus(same, method, "finetune", d) for d in DIRECTIONS)
+                 if "finetune" in has and method != "finetune" else "–")
+    rewritten = max(r["codes_rewritten"] for r in same if r["method"] == method)
+    cells += [pm(stat["train_seconds"], 1), time_share, f"{rewritten:,}"]
+    return "| " + " | ".join(cells) + " |"
+
+
 def headline_table(rows: list[dict], method: str) -> str:
-    """The README's one table: the default method against joint and finetune in every case."""
-    out = ["| dataset | order | bits | % of joint's avg mAP I→T / T→I | vs finetune I→T / T→I "
-           "| % of joint's train time | codes rewritten |", "|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["dataset"], r["order"], r["bits"]) for r in rows}, key=lambda k: (DATASETS.index(k[0]), k[1:]))
-    for dataset, order, bits in keys:
-        group = [r for r in rows if (r["dataset"], r["order"], r["bits"]) == (dataset, order, bits)]
-        mean = {(m, k): mean_sd([r[k] for r in group if r["method"] == m])[0]
-                for m in ("joint", method) for k in ("i2t", "t2i", "train_seconds")}
-        share = " / ".join(f"{mean[(method, d)] / mean[('joint', d)]:.1%}" for d in ("i2t", "t2i"))
-        gaps = " / ".join(versus(group, method, "finetune", d) for d in ("i2t", "t2i"))
-        time_share = mean[(method, "train_seconds")] / mean[("joint", "train_seconds")]
-        rewritten = max(r["codes_rewritten"] for r in group if r["method"] == method)
-        out.append(f"| {dataset} | {order} | {bits} | {share} | {gaps} | {time_share:.0%} | {rewritten:,} |")
+    """The README's one table: the default method under each storing rule, in every case, against
+    the ceiling (the stronger joint), joint under the same rule and finetune under the same rule."""
+    out = ["| dataset | order | bits | catalogue | stored codes | % of ceiling I→T / T→I | % of joint, same codes "
+           "| vs finetune, same codes I→T / T→I | % of joint's train time | codes rewritten |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for dataset, order, bits, catalogue in _settings(rows, DATASETS):
+        group = [r for r in rows if (r["dataset"], r["order"], r["bits"], r["catalogue"]) == (dataset, order, bits,
+                                                                                            catalogue)]
+        top = {d: ceiling(group, d) for d in DIRECTIONS}
+        for rule in RULES:
+            same = [r for r in group if r["rule"] == rule]
+            if not any(r["method"] == method for r in same):
+                continue
+            mine = {k: _mean(same, method, rule, k) for k in ("i2t", "t2i", "train_seconds")}
+            share = " / ".join(f"{mine[d] / top[d][0]:.1%}" for d in DIRECTIONS)
+            like = " / ".join(f"{mine[d] / _mean(same, 'joint', rule, d):.1%}" for d in DIRECTIONS)
+            gaps = " / ".join(versus(same, method, "finetune", d) for d in DIRECTIONS)
+            time_share = mine["train_seconds"] / _mean(same, "joint", rule, "train_seconds")
+            rewritten = max(r["codes_rewritten"] for r in same if r["method"] == method)
+            out.append(f"| {dataset} | {order} | {bits} | {catalogue} | {rule} | {share} | {like} | {gaps} "
+                       f"| {time_share:.0%} | {rewritten:,} |")
     return "\n".join(out)
+
+
+def tuning_table(t: dict) -> str:
+    """bench/tune.py: lifelong OrthoHash's variants and the references on the validation split,
+    final average mAP I→T / T→I under each storing rule, mean over the tuning seeds."""
+    rows = t["rows"]
+    datasets = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
+    names = list(t["variants"]) + [m for m in ("joint", "finetune") if any(r["variant"] == m for r in rows)]
+    head = ["variant", "settings"] + [f"{d}, {rule} codes" for d in datasets for rule in RULES]
+    head += [f"{d}: % of joint's time" for d in datasets]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        cells = [name, ", ".join(f"`{k}: {v}`" for k, v in t["variants"].get(name, {}).items()) or "—"]
+        for d in datasets:
+            for rule in RULES:
+                got = [r for r in rows if (r["variant"], r["dataset"], r["rule"]) == (name, d, rule)]
+                cells.append(" / ".join(f"{np.mean([r[k] for r in got]):.3f}" for k in DIRECTIONS) if got else "–")
+        for d in datasets:
+            mine = [r["train_seconds"] for r in rows if (r["variant"], r["dataset"]) == (name, d)]
+            joint = [r["train_seconds"] for r in rows if (r["variant"], r["dataset"]) == ("joint", d)]
+            cells.append(f"{np.mean(mine) / np.mean(joint):.0%}" if mine and joint else "–")
+        out.append("| " + " | ".join(cells) + " |")
+    seeds = ", ".join(map(str, t["seeds"]))
+    return "\n".join(out + ["", f"Validation queries drawn from the training side, tuning seeds {seeds}; "
+                                 "64 bits, order a, labelled catalogue."])
 
 
 def default_method() -> str:
     return yaml.safe_load((ROOT / "params.yaml").read_text())["method"]["name"]
 
 
-def scaling_tables(results: dict) -> str:
-    """bench/lifelong_scaling.py: totals against joint, then seconds per stage."""
-    joint = results["joint"]
-    out = ["| method | total train s | vs joint | final avg mAP I→T | vs joint | final avg mAP T→I | vs joint "
-           "| codes rewritten |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        out.append(f"| {name} | {r['total_seconds']} | {r['total_seconds'] / joint['total_seconds']:.0%} | "
-                   f"{r['final_map_i2t']:.4f} | {r['final_map_i2t'] / joint['final_map_i2t']:.1%} | "
-                   f"{r['final_map_t2i']:.4f} | {r['final_map_t2i'] / joint['final_map_t2i']:.1%} | "
-                   f"{r['codes_rewritten']:,} |")
-    out += ["", "Training seconds per stage (database size after the stage):", "",
+def scaling_tables(by_rule: dict) -> str:
+    """bench/lifelong_scaling.py: under each storing rule, totals against joint under the same
+    rule; then seconds per stage (one training serves both rules)."""
+    out = []
+    for rule, results in by_rule.items():
+        joint = results["joint"]
+        out += [f"{rule.capitalize()} codes:", "",
+                "| method | total train s | vs joint | final avg mAP I→T | vs joint | final avg mAP T→I | vs joint "
+                "| codes rewritten |", "|---|---|---|---|---|---|---|---|"]
+        for name, r in results.items():
+            out.append(f"| {name} | {r['total_seconds']} | {r['total_seconds'] / joint['total_seconds']:.0%} | "
+                       f"{r['final_map_i2t']:.4f} | {r['final_map_i2t'] / joint['final_map_i2t']:.1%} | "
+                       f"{r['final_map_t2i']:.4f} | {r['final_map_t2i'] / joint['final_map_t2i']:.1%} | "
+                       f"{r['codes_rewritten']:,} |")
+        out.append("")
+    results = by_rule[next(iter(by_rule))]
+    out += ["Training seconds per stage (database size after the stage):", "",
             "| stage | database | " + " | ".join(results) + " |", "|---|---|" + "---|" * len(results)]
-    for t, size in enumerate(joint["database_size"]):
+    for t, size in enumerate(results["joint"]["database_size"]):
         out.append(f"| {t} | {size:,} | " + " | ".join(str(r["stage_seconds"][t]) for r in results.values()) + " |")
     return "\n".join(out)
 
@@ -257,6 +320,7 @@ BLOCKS = {
     "quality-wikipedia": lambda: quality_tables(_read("quality"), ("wikipedia",)),
     "quality-mirflickr25k": lambda: quality_tables(_read("quality"), ("mirflickr25k",)),
     "quality-synthetic": lambda: quality_tables(_read("quality"), ("synthetic",)),
+    "tuning": lambda: tuning_table(_read("tuning")),
     "scaling-synthetic": lambda: scaling_tables(_read("lifelong_scaling")["synthetic"]["results"]),
     "scaling-wikipedia": lambda: scaling_tables(_read("lifelong_scaling")["wikipedia"]["results"]),
     "search-speed": lambda: search_table(_read("search_speed")["rows"]),

@@ -111,3 +111,35 @@ def test_the_same_batch_gives_the_same_bytes(tmp_path):
     time.sleep(2.1)  # zip timestamps have a 2-second resolution
     assert save_batch(_batch(3), tmp_path / "b.npz").read_bytes() == first
     assert load_batch(tmp_path / "b.npz").ids.tolist() == _batch(3).ids.tolist()
+
+
+def test_unlabelled_rows_are_marked_and_round_trip(tmp_path):
+    b = _batch()
+    labels = b.labels.copy()
+    labels[[1, 3]] = 0
+    mixed = make_batch(b.ids, b.image, b.text, labels, b.categories, labelled=np.array([1, 0, 1, 0, 1], bool))
+    back = load_batch(save_batch(mixed, tmp_path / "mixed.npz"))
+    np.testing.assert_array_equal(back.labelled, [True, False, True, False, True])
+    assert back.labelled_part().ids.tolist() == ["id0", "id2", "id4"]
+    assert not np.load(save_batch(b, tmp_path / "plain.npz")).__contains__("labelled")  # old files unchanged
+    assert load_batch(tmp_path / "plain.npz").all_labelled
+
+
+def test_a_row_without_labels_must_be_marked_unlabelled():
+    b = _batch()
+    labels = b.labels.copy()
+    labels[2] = 0
+    with pytest.raises(BatchError, match="1 rows without any label .*'id2'.*labelled=False"):
+        make_batch(b.ids, b.image, b.text, labels, b.categories)
+    with pytest.raises(BatchError, match="labelled.*booleans"):
+        make_batch(b.ids, b.image, b.text, b.labels, b.categories, labelled=np.ones(5))
+
+
+def test_concat_subset_and_vocabulary_changes_keep_the_labelled_mask():
+    b = _batch().without_labels([0, 4])
+    late = _batch(3)
+    late = make_batch(["late0", "late1", "late2"], late.image, late.text, late.labels, late.categories)
+    wide = Batch.concat([b, late.without_labels([1])]).with_categories(["a", "b", "c", "d"])
+    np.testing.assert_array_equal(wide.labelled, [False, True, True, True, False, True, False, True])
+    np.testing.assert_array_equal(wide.subset(np.arange(2)).labelled, [False, True])
+    np.testing.assert_array_equal(b.for_model(("a", "b", "c")).labelled, b.labelled)

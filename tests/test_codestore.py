@@ -145,3 +145,16 @@ def test_save_load_round_trip_and_corrupt_file(tmp_path):
     (tmp_path / "bad.npz").write_bytes(path.read_bytes()[:100])
     with pytest.raises(CodeStoreError, match="unreadable code store"):
         CodeStore.load(tmp_path / "bad.npz")
+
+
+def test_the_store_keeps_which_items_came_labelled(tmp_path):
+    store = CodeStore(64, ("a",))
+    codes = {m: np.arange(6, dtype=np.uint64).reshape(3, 2)[:, :1] for m in ("image", "text")}
+    store.append(["x", "y", "z"], 0, np.array([[1], [0], [1]], np.uint8), ("a",), codes,
+                 labelled=np.array([True, False, True]))
+    back = CodeStore.load(store.save(tmp_path / "codes.npz"))
+    np.testing.assert_array_equal(back.labelled, [True, False, True])
+    plain = CodeStore(64, ("a",))
+    plain.append(["x"], 0, np.array([[1]], np.uint8), ("a",), {m: c[:1] for m, c in codes.items()})
+    assert "labelled" not in np.load(plain.save(tmp_path / "plain.npz")).files  # byte-stable for labelled stores
+    assert CodeStore.load(tmp_path / "plain.npz").labelled.tolist() == [True]

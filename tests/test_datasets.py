@@ -7,7 +7,7 @@ from lifelong_hashing.config import DatasetConfig
 from lifelong_hashing.engine.batch import BatchError
 from lifelong_hashing.engine.datasets import load_dataset, load_dcmh_mat, synthetic_dataset
 
-from .conftest import WIKIPEDIA
+from .conftest import ROOT, WIKIPEDIA
 
 pytestmark = pytest.mark.unit
 
@@ -104,3 +104,20 @@ def test_synthetic_is_seeded_multilabel_and_two_modal():
     centroids = np.stack([x[y == k].mean(axis=0) for k in range(10)])
     nearest = np.argmin(((x[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
     assert (nearest == y).mean() > 0.5
+
+
+@pytest.mark.parametrize("name", ["wikipedia", "mirflickr25k"])
+def test_the_validation_split_comes_from_the_training_side_and_never_holds_a_test_query(name):
+    from lifelong_hashing.config import EMBEDDED_DATASETS
+
+    cfg = DatasetConfig(**{**EMBEDDED_DATASETS[name], "path": str(ROOT / EMBEDDED_DATASETS[name]["path"])})
+    test = load_dataset(cfg, seed=4)
+    validation = load_dataset(cfg.model_copy(update={"queries": "validation"}), seed=4)
+    train_side = set(test.database.ids.tolist())
+    queries, database = set(validation.queries.ids.tolist()), set(validation.database.ids.tolist())
+    assert queries <= train_side and database <= train_side and not queries & database
+    assert queries | database == train_side
+    assert not queries & set(test.queries.ids.tolist())
+    assert abs(len(queries) - cfg.validation_share * len(train_side)) <= 1
+    again = load_dataset(cfg.model_copy(update={"queries": "validation"}), seed=5)
+    assert set(again.queries.ids.tolist()) != queries  # a tuning seed draws its own split

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from lifelong_hashing.engine.batch import make_batch
-from lifelong_hashing.engine.codestore import CodeStore, unpack_codes
+from lifelong_hashing.engine.codestore import CodeStore, pack_codes, unpack_codes
 from lifelong_hashing.engine.encoders import pick_device
 from lifelong_hashing.engine.methods import MethodError, create_method
 from lifelong_hashing.engine.runner import build_plan, run_sequence, run_stage
@@ -24,8 +24,8 @@ pytestmark = pytest.mark.integration
 LIFELONG = ["finetune", "dlch", "ccmh_gam", "orthohash"]
 
 
-def _stages(method):
-    params = small_params(method)
+def _stages(method, **overrides):
+    params = small_params(method, **overrides)
     plan = build_plan(params)
     first = plan.stages[0].batch
     return params, plan, new_state(params, first.image.shape[1:], first.text.shape[1])
@@ -46,7 +46,7 @@ def test_lifelong_methods_never_change_stored_codes(method):
 
 
 def test_joint_retrains_and_rewrites_old_codes():
-    _, plan, state = _stages("joint")
+    _, plan, state = _stages("joint", **{"method.database_codes": "encoders"})
     run_stage(state, plan)
     record = run_stage(state, plan)
     assert record["codes_rewritten"] > 0.5 * len(plan.stages[0].batch)
@@ -180,9 +180,70 @@ def test_dlch_stores_the_codes_it_solved():
     batch = plan.stages[1].batch
     rows = state.store.rows_of(batch.ids)
     solved = state.store.codes["image"][rows]
-    encoders = state.method.database_codes(batch)["image"]
-    assert (solved != encoders).any()  # not the encoders' sign(F + G)
+    np.testing.assert_array_equal(solved, pack_codes(state.method.solved_codes))
+    assert (solved != state.method.encoder_codes(batch)["image"]).any()  # not the encoders' signs
     np.testing.assert_array_equal(state.store.codes["text"][rows], solved)  # one code per item
+
+
+@pytest.mark.parametrize("method", ["joint", "finetune", "dlch", "ccmh_gam", "orthohash"])
+def test_the_encoders_rule_stores_each_modalitys_encoder_code(method):
+    _, plan, state = _stages(method, **{"method.database_codes": "encoders"})
+    for t in range(2):
+        run_stage(state, plan)
+        rows = state.store.rows_of(plan.stages[t].batch.ids)
+        for modality, codes in state.method.encoder_codes(plan.stages[t].batch).items():
+            np.testing.assert_array_equal(state.store.codes[modality][rows], codes)
+    assert (state.store.codes["image"] != state.store.codes["text"]).any()
+
+
+def _label_code_rows(method, batch):
+    """What the labels rule stores for a stage's labelled items, as each method defines it."""
+    if method.name == "dlch":
+        return pack_codes(method.solved_codes)
+    return method.label_codes(batch.labelled_part())
+
+
+@pytest.mark.parametrize("method", ["joint", "finetune", "dlch", "ccmh_gam", "orthohash"])
+def test_the_labels_rule_gives_unlabelled_items_their_encoder_codes(method):
+    _, plan, state = _stages(method, **{"stages.unlabelled_share": 0.5})
+    run_stage(state, plan)
+    run_stage(state, plan)
+    batch = plan.stages[1].batch
+    assert 0 < batch.labelled.sum() < len(batch)
+    rows = state.store.rows_of(batch.ids)
+    np.testing.assert_array_equal(state.store.labelled[rows], batch.labelled)
+    encoders = state.method.encoder_codes(batch)
+    for modality in ("image", "text"):
+        stored = state.store.codes[modality][rows]
+        np.testing.assert_array_equal(stored[~batch.labelled], encoders[modality][~batch.labelled])
+        np.testing.assert_array_equal(stored[batch.labelled], _label_code_rows(state.method, batch))
+
+
+def _relabel_hidden(stage: Stage, rng) -> Stage:
+    """The stage with other (wrong) labels on its unlabelled items: what training must never see."""
+    b = stage.batch
+    labels = b.labels.copy()
+    hidden = np.flatnonzero(~b.labelled)
+    labels[hidden] = labels[rng.choice(np.flatnonzero(b.labelled), size=hidden.size)]
+    labels[hidden, rng.integers(len(b.categories), size=hidden.size)] = 1
+    wrong = make_batch(b.ids, b.image, b.text, labels, b.categories, new_categories=b.new_categories,
+                       labelled=b.labelled)
+    return Stage(stage.index, stage.new_categories, stage.categories, wrong)
+
+
+@pytest.mark.parametrize("method", ["joint", "finetune", "dlch", "ccmh_gam", "orthohash"])
+def test_training_never_reads_the_labels_of_unlabelled_items(method):
+    params, plan, truth = _stages(method, **{"stages.unlabelled_share": 0.4})
+    first = plan.stages[0].batch
+    wrong = new_state(params, first.image.shape[1:], first.text.shape[1])
+    rng = np.random.default_rng(0)
+    for stage in plan.stages:
+        truth.method.learn(stage, truth.store)
+        altered = _relabel_hidden(stage, rng)
+        assert (altered.batch.labels != stage.batch.labels).any()
+        wrong.method.learn(altered, wrong.store)
+    for modality in ("image", "text"):
+        np.testing.assert_array_equal(truth.store.codes[modality], wrong.store.codes[modality])
 
 
 def test_joint_retrains_on_appended_items_and_rewrites_their_rows_by_id():

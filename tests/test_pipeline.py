@@ -26,7 +26,7 @@ from lifelong_hashing.engine.state import new_state
 from lifelong_hashing.inference.versions import current_version
 from lifelong_hashing.operations.registry import Registry
 
-from .conftest import PARAMS, ROOT, drop, run, settings, snapshot, thread_in_context
+from .conftest import PARAMS, ROOT, drop, free_port, run, settings, snapshot, thread_in_context, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
 
@@ -321,3 +321,57 @@ def test_every_skipped_entry_is_logged_for_what_it_is_and_names_are_escaped(work
     assert "<b>" not in summary and "evil\nname" not in summary
     manifest = json.loads((workspace / "ws" / "manifest.json").read_text())["batches"]
     assert [e["name"] for e in manifest.values()][-1] == nasty  # recorded as dropped
+
+
+def test_unlabelled_items_are_appended_with_encoder_codes_and_found_by_the_service(workspace, stage_files, tmp_path):
+    """A batch of items nobody labelled: validated, appended with its encoders' codes, versioned,
+    and searchable through a real ``lhash serve``."""
+    import httpx
+
+    from lifelong_hashing.engine.state import load_state
+
+    ws = Registry(workspace / "ws", str(workspace / "remote"))
+    later = load_batch(stage_files[1]).subset(np.arange(30))
+    unlabelled = Batch(np.char.add("unlabelled-", later.ids), later.image, later.text,
+                       np.zeros_like(later.labels), later.categories, labelled=np.zeros(len(later), bool))
+    drop(save_batch(unlabelled, tmp_path / "unlabelled.npz"), workspace)
+    state = run(workspace)
+    assert state.is_completed(), state.message
+    (outcome,) = state.result()
+    assert outcome["kind"] == "append" and outcome["version"] == "v0002"
+    assert ws.tags()[-1] == "model-v2" and ws.git("status", "--porcelain") == ""
+    version = ws.models_dir / "versions" / "v0002"
+    served = CodeStore.load(version / "codes.npz")
+    rows = served.rows_of(unlabelled.ids)
+    assert not served.labelled[rows].any() and served.labelled[: rows[0]].all()
+    method = load_state(ws.state_dir).method
+    for modality, codes in method.encoder_codes(unlabelled).items():  # each modality's own encoder
+        np.testing.assert_array_equal(served.codes[modality][rows], codes)
+
+    port = free_port()
+    argv = [f"-S{k}={json.dumps(v)}" for k, v in settings(workspace).items()]
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "lifelong_hashing.cli", "--params", PARAMS, *argv, "serve",
+                                 "--models", str(ws.models_dir), "--port", str(port)], stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _healthy(url), 90, "lhash serve", [proc])
+        reply = httpx.post(url + "/search", json={"modality": "text", "target": "text", "k": 1000, "radius": 0,
+                                                  "features": later.text[:5].tolist()}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        for item, result in zip(unlabelled.ids[:5], reply.json()["results"], strict=True):
+            hit = next(h for h in result["text"] if h["id"] == item)
+            assert hit["distance"] == 0 and hit["labels"] == []
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _healthy(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

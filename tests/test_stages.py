@@ -50,3 +50,17 @@ def test_explicit_groups_may_leave_categories_out_and_reorder():
 def test_bad_stage_plans_are_explained(cfg, words):
     with pytest.raises(StagePlanError, match=words.replace("[", r"\[").replace("]", r"\]")):
         plan_stages(synthetic_dataset(300, 6, 8, 8, query_size=50), cfg)
+
+
+def test_an_unlabelled_share_hides_labels_from_training_but_keeps_them_for_scoring():
+    ds = synthetic_dataset(1200, 6, 8, 8, query_size=100, seed=0)
+    cfg = StagesConfig(base=2, per_stage=2, unlabelled_share=0.5)
+    plan, full = plan_stages(ds, cfg, seed=1), plan_stages(ds, StagesConfig(base=2, per_stage=2))
+    for mixed, whole in zip(plan.stages, full.stages, strict=True):
+        share = 1 - mixed.batch.labelled.mean()
+        assert 0.4 < share < 0.6
+        np.testing.assert_array_equal(mixed.batch.labels, whole.batch.labels)  # the truth, kept for scoring
+        new = mixed.batch.labels[mixed.batch.labelled][:, -len(mixed.new_categories):]
+        assert new.any(axis=0).all(), "every new category keeps a labelled item"
+    other = plan_stages(ds, cfg, seed=2)
+    assert (other.stages[0].batch.labelled != plan.stages[0].batch.labelled).any()  # the draw follows the seed

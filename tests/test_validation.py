@@ -231,3 +231,44 @@ def test_whatever_validation_accepts_loads_for_training(wikipedia, tmp_path):
     assert result.accepted, result.summary()
     batch = load_batch(tmp_path / "incoming.npz")
     assert batch.image.dtype == np.float32 and len(batch) == result.rows
+
+
+def _unlabelled(arrays: dict, rows) -> dict:
+    labelled = np.ones(len(arrays["ids"]), bool)
+    labelled[rows] = False
+    arrays["labels"][rows] = 0
+    return {**arrays, "labelled": labelled}
+
+
+def test_unlabelled_items_are_accepted_beside_labelled_ones(wikipedia, tmp_path, capsys):
+    result = _validate(wikipedia, tmp_path, _unlabelled(_arrays(wikipedia["next"]), np.arange(0, 300, 2)))
+    assert result.accepted, result.summary()
+    assert result.new_categories == ["literature", "media"]
+    only = _arrays(wikipedia["next"])  # a batch nobody labelled, through `lhash validate`
+    np.savez(tmp_path / "unlabelled.npz", **_unlabelled({**only, "new_categories": np.array([], str)},
+                                                        np.arange(len(only["ids"]))))
+    args = ["--params", str(wikipedia["params_file"]), "validate", "--state", str(wikipedia["state_dir"])]
+    assert main([*args, str(tmp_path / "unlabelled.npz"), "--out", str(tmp_path / "cli")]) == 0
+    assert "ACCEPTED" in capsys.readouterr().out
+    assert load_batch(tmp_path / "unlabelled.npz").labelled.sum() == 0
+
+
+@pytest.mark.parametrize(("change", "field", "words"), [
+    (lambda a: a["labels"].__setitem__((0, 0), 1), "unlabelled_label_count", "carry no labels"),
+    (lambda a: a.update(labelled=a["labelled"].astype(np.uint8)), "labelled", "booleans"),
+    (lambda a: a["labels"].__setitem__((1, 0), 0) or a["labelled"].__setitem__(1, True), "label_count", "1.."),
+])
+def test_bad_unlabelled_marks_are_rejected_naming_the_field(wikipedia, tmp_path, change, field, words):
+    a = _unlabelled(_arrays(wikipedia["next"]), [0])
+    a["labels"][1] = 0
+    a["labelled"][1] = False
+    change(a)
+    failure = next(f for f in _validate(wikipedia, tmp_path, a).failures if f.field == field)
+    assert words in failure.description
+
+
+def test_a_new_category_only_unlabelled_items_carry_is_rejected(wikipedia, tmp_path):
+    a = _arrays(wikipedia["next"])
+    media = a["labels"][:, list(a["categories"]).index("media")] == 1
+    failure = _only_failure(_validate(wikipedia, tmp_path, _unlabelled(a, media)), "new_categories")
+    assert "no labelled item carries them: ['media']" in failure.description

@@ -38,6 +38,11 @@ class DatasetConfig(_Strict):
     idf_key: str | None = None  # per-column idf weights when the texts are TF-IDF
     text_l2_normalize: bool = False  # whether text rows were L2-normalized
     query_size: int = Field(2000, gt=0)
+    # ``test``: the held-out queries; ``validation``: queries drawn from the training side (this
+    # share of it, seeded), removed from the database, the test queries never loaded. Every sweep
+    # and choice runs on ``validation`` (bench/tune.py); only bench/quality.py reports ``test``.
+    queries: Literal["test", "validation"] = "test"
+    validation_share: float = Field(0.15, gt=0, lt=1)
     # synthetic generator only
     n_items: int = Field(6000, gt=0)
     n_categories: int = Field(12, gt=1)
@@ -52,9 +57,9 @@ EMBEDDED_DATASETS: dict[str, dict] = {
     "wikipedia": {"kind": "npz", "path": "data/wikipedia/wikipedia.npz", "name": "wikipedia",
                   "image_key": "image_sift_bovw", "text_key": "text_tfidf", "labels_key": "category",
                   "categories_key": "category_names", "ids_key": "text_id", "split_key": "split"},
-    # real labels and tags, SIMULATED image side (data/mirflickr25k/README.md); DCMH's 2,000 random queries
+    # real labels, tags and image features (SqueezeNet, data/mirflickr25k/README.md); DCMH's 2,000 random queries
     "mirflickr25k": {"kind": "npz", "path": "data/mirflickr25k/mirflickr25k.npz", "name": "mirflickr25k",
-                     "image_key": "image_simulated", "text_key": "text_tags_bow", "labels_key": "labels",
+                     "image_key": "image_squeezenet", "text_key": "text_tags_bow", "labels_key": "labels",
                      "categories_key": "category_names", "ids_key": "ids", "split_key": None, "query_size": 2000},
 }
 
@@ -67,6 +72,9 @@ class StagesConfig(_Strict):
     order: list[str] | None = None
     base: int = Field(4, gt=0)
     per_stage: int = Field(2, gt=0)
+    # share of each stage's items that arrive unlabelled (seeded): stored with encoder codes,
+    # never trained on, their labels kept only to score retrieval (the mixed catalogue)
+    unlabelled_share: float = Field(0.0, ge=0, lt=1)
 
 
 class ModelConfig(_Strict):
@@ -87,7 +95,7 @@ class TrainConfig(_Strict):
     lifelong_epochs: int = Field(10, gt=0)  # stages after the base one start from trained encoders
     batch_size: int = Field(128, gt=0)
     lr: float = Field(1e-3, gt=0)
-    lifelong_lr: float = Field(3e-4, gt=0)
+    lifelong_lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # PyTorch's CPU threads. Part of what fixes the codes: another count changes the order of
@@ -99,9 +107,8 @@ class OrthoHashConfig(_Strict):
     scale: float = 8.0
     margin: float = 0.2
     min_distance: float = Field(0.6, gt=0, le=1)  # of K bits, relaxed until a row fits
-    distill: float = Field(1.0, ge=0)  # weight of the previous model's old-class logits (lifelong)
+    distill: float = Field(0.0, ge=0)  # weight of the previous model's old-class logits (lifelong; tuning: 0)
     temperature: float = Field(2.0, gt=0)
-    database_codes: Literal["labels", "encoders"] = "labels"  # lifelong OrthoHash (orthohash.py docstring)
 
 
 class DLCHConfig(_Strict):
@@ -110,7 +117,6 @@ class DLCHConfig(_Strict):
     gamma: float = 1.0  # graded pairwise terms of the base stage
     old_sample: int = Field(2000, ge=0)  # frozen old codes drawn per lifelong epoch
     dcc_iters: int = Field(3, gt=0)
-    database_codes: Literal["solved", "encoders"] = "solved"  # what new items store (dlch.py docstring)
 
 
 class CCMHGAMConfig(_Strict):
@@ -122,7 +128,14 @@ class CCMHGAMConfig(_Strict):
 
 class MethodConfig(_Strict):
     name: MethodName = "orthohash"
-    memory_per_category: int = Field(100, ge=0)  # exemplars the lifelong methods keep per category
+    # What a labelled database item stores, for every method (docs/methods.md, "Storing rule"):
+    # ``labels``, the code the method gives its labels; ``encoders``, each modality's encoder
+    # code. An unlabelled item always stores its encoders' codes.
+    database_codes: Literal["labels", "encoders"] = "labels"
+    memory_per_category: int = Field(1000, ge=0)  # exemplars the lifelong methods keep per category
+    # memory rows a lifelong epoch draws per old category (OrthoHash, DLCH): a stage's cost is
+    # the new batch plus this, however large the memory (memory.replay_draws)
+    replay_per_category: int = Field(100, gt=0)
     orthohash: OrthoHashConfig = OrthoHashConfig()
     dlch: DLCHConfig = DLCHConfig()
     ccmh_gam: CCMHGAMConfig = CCMHGAMConfig()

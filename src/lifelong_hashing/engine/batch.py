@@ -3,9 +3,12 @@
 A batch is row-aligned arrays: item ids, image features (or pixels), text features and a
 multi-hot label matrix whose columns are named by ``categories``, and optionally the names among
 them that the batch declares new (``new_categories``: the categories a lifelong increment is to
-learn). On disk it is an ``.npz`` with those keys (docs/data.md, "Batch format"). Every
-constructor validates, so a ``Batch`` that exists is a good one; a bad one raises ``BatchError``
-naming the source, the field and what is wrong.
+learn) and which rows are labelled (``labelled``, all of them when absent). An unlabelled item is
+stored with its encoders' codes and never trained on; its label row is not read by training (a
+sender leaves it zero; a benchmark keeps the hidden truth there to score retrieval). On disk it
+is an ``.npz`` with those keys (docs/data.md, "Batch format"). Every constructor validates, so
+a ``Batch`` that exists is a good one; a bad one raises ``BatchError`` naming the source, the
+field and what is wrong.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 from lifelong_hashing.files import write_npz
 
 FIELDS = ("ids", "image", "text", "labels", "categories")
-OPTIONAL_FIELDS = ("new_categories",)
+OPTIONAL_FIELDS = ("new_categories", "labelled")
 
 
 class BatchError(ValueError):
@@ -41,19 +44,38 @@ class Batch:
     categories: tuple[str, ...]  # C names, the label columns
     source: str = "<memory>"
     new_categories: tuple[str, ...] = ()  # declared new by the sender; a subset of ``categories``
+    labelled: np.ndarray | None = None  # (n,) bool; None: every row
 
     def __post_init__(self):
+        if self.labelled is None:
+            object.__setattr__(self, "labelled", np.ones(len(self.ids), bool))
         _validate(self)
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def all_labelled(self) -> bool:
+        return bool(self.labelled.all())
+
     def subset(self, rows) -> Batch:
         """Rows by index or boolean mask; the category vocabulary is kept whole."""
         return Batch(
             self.ids[rows], self.image[rows], self.text[rows], self.labels[rows], self.categories,
-            source=self.source, new_categories=self.new_categories,
+            source=self.source, new_categories=self.new_categories, labelled=self.labelled[rows],
         )
+
+    def labelled_part(self) -> Batch:
+        """The rows training may read: the labelled ones."""
+        return self if self.all_labelled else self.subset(self.labelled)
+
+    def without_labels(self, rows) -> Batch:
+        """The same items with ``rows`` marked unlabelled; their label rows stay (hidden from
+        training) for scoring."""
+        labelled = self.labelled.copy()
+        labelled[rows] = False
+        return Batch(self.ids, self.image, self.text, self.labels, self.categories, source=self.source,
+                     new_categories=self.new_categories, labelled=labelled)
 
     def with_categories(self, categories: tuple[str, ...] | list[str]) -> Batch:
         """Re-express the labels over a larger vocabulary that starts with this one's names."""
@@ -65,7 +87,7 @@ class Batch:
         labels = np.zeros((len(self), len(categories)), np.uint8)
         labels[:, columns] = self.labels
         return Batch(self.ids, self.image, self.text, labels, categories, source=self.source,
-                     new_categories=self.new_categories)
+                     new_categories=self.new_categories, labelled=self.labelled)
 
     def for_model(self, known: tuple[str, ...] | list[str]) -> Batch:
         """The batch over a model's vocabulary: ``known`` then the names this batch declares new.
@@ -76,7 +98,7 @@ class Batch:
         used = self.labels.any(axis=0)
         keep = [j for j, c in enumerate(self.categories) if c in vocabulary or used[j]]
         kept = Batch(self.ids, self.image, self.text, self.labels[:, keep], tuple(self.categories[j] for j in keep),
-                     source=self.source, new_categories=self.new_categories)
+                     source=self.source, new_categories=self.new_categories, labelled=self.labelled)
         return kept.with_categories(vocabulary)
 
     @staticmethod
@@ -96,10 +118,12 @@ class Batch:
             tuple(vocabulary),
             source="+".join(sorted({b.source for b in batches})),
             new_categories=tuple(dict.fromkeys(c for b in batches for c in b.new_categories)),
+            labelled=np.concatenate([b.labelled for b in aligned]),
         )
 
 
-def make_batch(ids, image, text, labels, categories, source: str = "<memory>", new_categories=()) -> Batch:
+def make_batch(ids, image, text, labels, categories, source: str = "<memory>", new_categories=(),
+               labelled=None) -> Batch:
     """Build a batch from array-likes, casting to the canonical dtypes before validation."""
     try:
         ids_arr = np.asarray(ids).astype(str)
@@ -111,9 +135,13 @@ def make_batch(ids, image, text, labels, categories, source: str = "<memory>", n
         raise BatchError(source, "arrays", f"cannot convert to arrays: {err}") from err
     if labels_raw.size and not np.isin(labels_raw, (0, 1)).all():
         raise BatchError(source, "labels", "must be multi-hot 0/1 values")
+    if labelled is not None:
+        labelled = np.asarray(labelled)
+        if labelled.dtype != bool:
+            raise BatchError(source, "labelled", f"must be booleans, got dtype {labelled.dtype}")
     return Batch(ids_arr, image_arr, text_arr, labels_raw.astype(np.uint8),
                  tuple(str(c) for c in categories), source=source,
-                 new_categories=tuple(str(c) for c in new_categories))
+                 new_categories=tuple(str(c) for c in new_categories), labelled=labelled)
 
 
 def labels_from_ids(label_ids, num_categories: int, source: str = "<memory>") -> np.ndarray:
@@ -163,10 +191,13 @@ def _validate(b: Batch) -> None:
         raise BatchError(src, "labels", f"expected shape ({n}, {len(b.categories)}), got {b.labels.shape}")
     if b.labels.dtype != np.uint8 or b.labels.max() > 1:
         raise BatchError(src, "labels", "must be uint8 multi-hot with values 0/1")
-    unlabeled = b.labels.sum(axis=1) == 0
+    if b.labelled.shape != (n,) or b.labelled.dtype != bool:
+        raise BatchError(src, "labelled", f"expected ({n},) booleans, got {b.labelled.shape} {b.labelled.dtype}")
+    unlabeled = b.labelled & (b.labels.sum(axis=1) == 0)
     if unlabeled.any():
         raise BatchError(src, "labels",
-                         f"{int(unlabeled.sum())} rows without any label (first id {b.ids[unlabeled][0]!r})")
+                         f"{int(unlabeled.sum())} rows without any label (first id {b.ids[unlabeled][0]!r}); "
+                         "mark unlabelled items with labelled=False")
 
 
 def save_batch(batch: Batch, path: str | os.PathLike, compress: bool = True) -> Path:
@@ -174,7 +205,8 @@ def save_batch(batch: Batch, path: str | os.PathLike, compress: bool = True) -> 
     Uncompressed for scratch files read back at once (shards): deflate is the slow part."""
     return write_npz(path, {"ids": batch.ids, "image": batch.image, "text": batch.text, "labels": batch.labels,
                             "categories": np.asarray(batch.categories, dtype=str),
-                            "new_categories": np.asarray(batch.new_categories, dtype=str)}, compress=compress)
+                            "new_categories": np.asarray(batch.new_categories, dtype=str),
+                            **({} if batch.all_labelled else {"labelled": batch.labelled})}, compress=compress)
 
 
 def npz_headers(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -248,7 +280,8 @@ def batch_from_arrays(arrays: dict[str, np.ndarray], source: str) -> Batch:
     training and validation both apply."""
     return make_batch(arrays["ids"], arrays["image"], arrays["text"], arrays["labels"],
                       arrays["categories"].tolist(), source=source,
-                      new_categories=arrays.get("new_categories", np.empty(0, str)).tolist())
+                      new_categories=arrays.get("new_categories", np.empty(0, str)).tolist(),
+                      labelled=arrays.get("labelled"))
 
 
 def load_batch(path: str | os.PathLike, max_rows: int | None = None, max_bytes: int | None = None) -> Batch:

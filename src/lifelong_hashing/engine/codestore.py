@@ -1,4 +1,5 @@
-"""The code store: database codes packed 64 bits to a word, with their ids, stage and labels.
+"""The code store: database codes packed 64 bits to a word, with their ids, stage and labels
+(and whether each item came labelled: an unlabelled one has its encoders' codes).
 
 Each item keeps one code per modality: I→T search scans the ``text`` codes with an image query,
 T→I the ``image`` codes with a text query. Hamming ranking breaks ties by database position
@@ -80,6 +81,7 @@ class CodeStore:
     stage: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
     labels: np.ndarray | None = None
     codes: dict[str, np.ndarray] = field(default_factory=dict)
+    labelled: np.ndarray | None = None  # (n,) bool
     _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # search indexes, label sets
 
     def __post_init__(self):
@@ -88,6 +90,8 @@ class CodeStore:
         words = -(-self.bits // 64)
         if self.labels is None:
             self.labels = np.zeros((0, len(self.categories)), np.uint8)
+        if self.labelled is None:
+            self.labelled = np.ones(len(self.ids), bool)
         for m in MODALITIES:
             self.codes.setdefault(m, np.zeros((0, words), np.uint64))
 
@@ -99,9 +103,10 @@ class CodeStore:
         return -(-self.bits // 64)
 
     def append(self, ids, stage: int, labels: np.ndarray, categories: tuple[str, ...],
-               codes: dict[str, np.ndarray]) -> None:
+               codes: dict[str, np.ndarray], labelled: np.ndarray | None = None) -> None:
         """Add new items' codes; earlier rows are never touched. Vocabulary may only grow."""
         ids = np.asarray(ids).astype(str)
+        labelled = np.ones(len(ids), bool) if labelled is None else np.asarray(labelled, bool)
         if categories[: len(self.categories)] != self.categories:
             raise CodeStoreError("category vocabulary must extend the stored one")
         clash = np.intersect1d(ids, self.ids)
@@ -116,10 +121,18 @@ class CodeStore:
         self.labels = np.concatenate([grown, labels.astype(np.uint8)])
         self.categories = tuple(categories)
         self.ids = np.concatenate([self.ids, ids])
+        self.labelled = np.concatenate([self.labelled, labelled])
         self.stage = np.concatenate([self.stage, np.full(len(ids), stage, np.int32)])
         for m in MODALITIES:
             self.codes[m] = np.concatenate([self.codes[m], codes[m]])
         self._derived.clear()
+
+    def rows_changed(self, before: dict[str, np.ndarray]) -> int:
+        """How many of the rows ``before`` held (a copy of ``codes``) now hold another code."""
+        changed = np.zeros(len(before["image"]), bool)
+        for m in MODALITIES:
+            changed |= (self.codes[m][: len(before[m])] != before[m]).any(axis=1)
+        return int(changed.sum())
 
     def rows_of(self, ids) -> np.ndarray:
         """Row of each id; an id not in the store is an error."""
@@ -209,19 +222,22 @@ class CodeStore:
         store, and the same codes give the same file."""
         return write_npz(path, {"bits": np.int64(self.bits), "categories": np.asarray(self.categories, dtype=str),
                                 "ids": self.ids, "stage": self.stage, "labels": self.labels,
-                                **{f"codes_{m}": self.codes[m] for m in MODALITIES}})
+                                **{f"codes_{m}": self.codes[m] for m in MODALITIES},
+                                **({} if self.labelled.all() else {"labelled": self.labelled})})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CodeStore:
         try:
             with np.load(path, allow_pickle=False) as d:
                 store = cls(int(d["bits"]), tuple(d["categories"].tolist()), d["ids"], d["stage"],
-                            d["labels"], {m: d[f"codes_{m}"] for m in MODALITIES})
+                            d["labels"], {m: d[f"codes_{m}"] for m in MODALITIES},
+                            d["labelled"] if "labelled" in d.files else None)
         except (KeyError, OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
             raise CodeStoreError(f"{path}: unreadable code store: {err}") from err
         n = len(store.ids)
-        if store.stage.shape != (n,) or store.labels.shape != (n, len(store.categories)) or any(
-                store.codes[m].shape != (n, store.words) for m in MODALITIES):
+        shapes = [(store.stage, (n,)), (store.labelled, (n,)), (store.labels, (n, len(store.categories))),
+                  *((store.codes[m], (n, store.words)) for m in MODALITIES)]
+        if any(array.shape != shape for array, shape in shapes):
             raise CodeStoreError(f"{path}: inconsistent array shapes in code store")
         return store
 

@@ -29,14 +29,26 @@ class SplitDataset:
 
 
 def load_dataset(cfg: DatasetConfig, seed: int = 0) -> SplitDataset:
+    """The dataset's database and queries: its test queries, or with ``cfg.queries ==
+    "validation"`` a validation split of the training side in their place."""
     if cfg.kind == "synthetic":
-        return synthetic_dataset(cfg.n_items, cfg.n_categories, cfg.image_dim, cfg.text_dim,
-                                 noise=cfg.noise, query_size=min(cfg.query_size, cfg.n_items // 5),
-                                 seed=seed)
-    if cfg.kind == "dcmh_mat":
-        return load_dcmh_mat(cfg.path, query_size=cfg.query_size, seed=seed,
-                             category_names=cfg.category_names, name=cfg.name)
-    return load_npz_dataset(cfg, seed=seed)
+        split = synthetic_dataset(cfg.n_items, cfg.n_categories, cfg.image_dim, cfg.text_dim,
+                                  noise=cfg.noise, query_size=min(cfg.query_size, cfg.n_items // 5), seed=seed)
+    elif cfg.kind == "dcmh_mat":
+        split = load_dcmh_mat(cfg.path, query_size=cfg.query_size, seed=seed,
+                              category_names=cfg.category_names, name=cfg.name)
+    else:
+        split = load_npz_dataset(cfg, seed=seed)
+    return validation_split(split, cfg.validation_share, seed) if cfg.queries == "validation" else split
+
+
+def validation_split(split: SplitDataset, share: float, seed: int) -> SplitDataset:
+    """A seeded ``share`` of the database as queries, the rest as the database; the test queries
+    are dropped, so nothing tuned on this split has seen them."""
+    perm = np.random.default_rng([seed, 2]).permutation(len(split.database))
+    is_query = np.zeros(len(split.database), bool)
+    is_query[perm[: max(1, int(round(share * len(split.database))))]] = True
+    return SplitDataset(split.name, split.database.subset(~is_query), split.database.subset(is_query))
 
 
 def load_npz_dataset(cfg: DatasetConfig, seed: int = 0) -> SplitDataset:

@@ -53,7 +53,7 @@ class ReferenceProfile:
             self.ranges[m] = (lo, hi)
         self.ids = np.concatenate([self.ids, batch.ids[keep]])
         self.stage = np.concatenate([self.stage, np.full(len(keep), stage, np.int32)])
-        self.max_labels = max(self.max_labels, int(batch.labels.sum(axis=1).max()))
+        self.max_labels = max(self.max_labels, int(batch.labels[batch.labelled].sum(axis=1).max(initial=0)))
 
     def rows(self, stages: slice | int) -> np.ndarray:
         """Boolean mask of the sampled rows of one stage (int) or a range of stages (slice)."""

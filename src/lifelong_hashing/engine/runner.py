@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def build_plan(params: Params) -> StagePlan:
-    return plan_stages(load_dataset(params.dataset, params.seed), params.stages)
+    return plan_stages(load_dataset(params.dataset, params.seed), params.stages, params.seed)
 
 
 Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, EvalConfig], dict[str, np.ndarray]]

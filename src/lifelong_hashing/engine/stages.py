@@ -96,7 +96,7 @@ def _newest_group(labels: np.ndarray, group_of_column: np.ndarray) -> np.ndarray
     return np.where(labels.astype(bool), group_of_column[None, :], -1).max(axis=1)
 
 
-def plan_stages(dataset: SplitDataset, cfg: StagesConfig) -> StagePlan:
+def plan_stages(dataset: SplitDataset, cfg: StagesConfig, seed: int = 0) -> StagePlan:
     groups = category_groups(dataset.database.categories, cfg)
     vocabulary = tuple(c for g in groups for c in g)
     group_of_column = np.concatenate([np.full(len(g), i) for i, g in enumerate(groups)])
@@ -110,6 +110,21 @@ def plan_stages(dataset: SplitDataset, cfg: StagesConfig) -> StagePlan:
         if not rows.any():
             raise StagePlanError(f"stage {t} (categories {list(group)}) has no database items")
         b = database.subset(rows)
-        stages.append(Stage(t, group, known, Batch(b.ids, b.image, b.text, b.labels[:, : len(known)],
-                                                  known, source=b.source, new_categories=group)))
+        batch = Batch(b.ids, b.image, b.text, b.labels[:, : len(known)], known, source=b.source, new_categories=group)
+        stages.append(Stage(t, group, known, _hide_labels(batch, cfg.unlabelled_share, [seed, t, 3])))
     return StagePlan(stages, queries, _newest_group(queries.labels, group_of_column))
+
+
+def _hide_labels(batch: Batch, share: float, seed) -> Batch:
+    """``batch`` with a seeded ``share`` of its items marked unlabelled, keeping at least one
+    labelled item per new category so that the stage can learn it."""
+    if share <= 0:
+        return batch
+    rng = np.random.default_rng(seed)
+    hidden = rng.random(len(batch)) < share
+    columns = [batch.categories.index(c) for c in batch.new_categories]
+    for c in columns:
+        carriers = np.flatnonzero(batch.labels[:, c])
+        if carriers.size and hidden[carriers].all():
+            hidden[carriers[0]] = False
+    return batch.without_labels(hidden)

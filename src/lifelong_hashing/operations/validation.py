@@ -116,7 +116,7 @@ def validate_batch(path: str | Path, expected: BatchExpectations, config: Valida
     frame, categories = _item_frame(arrays, expected, config.range_tolerance)
     failures, evaluated, html = _run_suite(frame, len(categories), expected, config, out)
     declared = [str(c) for c in arrays.get("new_categories", np.empty(0, str)).tolist()]
-    failures += _batch_failures(categories, declared, expected)
+    failures += _batch_failures(arrays, categories, declared, expected)
     evaluated += BATCH_CHECKS
     if not failures:
         evaluated += 1
@@ -151,17 +151,25 @@ def _structure_failures(a: dict[str, np.ndarray]) -> list[Failure]:
             problems.append(("labels", f"{a['labels'].shape[1]} columns but {len(a['categories'])} categories"))
         if len(set(a["categories"].tolist())) != len(a["categories"]):
             problems.append(("categories", "category names repeat"))
+        if "labelled" in a and (a["labelled"].dtype != bool or a["labelled"].shape != (n,)):
+            problems.append(("labelled", f"expected ({n},) booleans, got {a['labelled'].shape} {a['labelled'].dtype}"))
         if n == 0:
             problems.append(("ids", "empty batch (0 rows)"))
     return [Failure("batch_structure", f, p, 0) for f, p in problems]
 
 
-BATCH_CHECKS = 2  # the declaration checks of _batch_failures, counted among the expectations
+BATCH_CHECKS = 3  # the declaration checks of _batch_failures, counted among the expectations
 
 
-def _batch_failures(categories: list[str], declared: list[str], expected: BatchExpectations) -> list[Failure]:
-    """Checks of the batch as a whole: its declarations must agree with its columns and the model."""
+def _batch_failures(a: dict[str, np.ndarray], categories: list[str], declared: list[str],
+                    expected: BatchExpectations) -> list[Failure]:
+    """Checks of the batch as a whole: its declarations must agree with its columns and the model,
+    and a new category must be carried by a labelled item, or nothing could learn it."""
     problems = []
+    carried = (a["labels"][_labelled(a)] != 0).any(axis=0)
+    untaught = [c for c, has in zip(categories, carried, strict=True) if c in declared and not has]
+    if untaught and not [c for c in declared if c not in categories]:
+        problems.append(("new_categories", f"declared new but no labelled item carries them: {untaught}"))
     already = [c for c in declared if c in expected.known_categories]
     if already:
         problems.append(("new_categories", f"declared new but already known to the model: {already}"))
@@ -188,14 +196,21 @@ def _item_frame(a: dict[str, np.ndarray], expected: BatchExpectations, tolerance
         finite = np.isfinite(flat)
         frame[f"{modality}_nonfinite"] = (~finite).sum(axis=1)
         frame[f"{modality}_out_of_range"] = _out_of_range_share(flat, finite, modality, expected, tolerance)
-    labels = a["labels"]
+    labels, labelled = a["labels"], _labelled(a)
     frame["label_non_binary"] = (~np.isin(labels, (0, 1))).sum(axis=1)
-    frame["label_count"] = (labels != 0).sum(axis=1)
+    count = (labels != 0).sum(axis=1)
+    frame["label_count"] = np.where(labelled, count, np.nan)  # NaN: unlabelled, checked below
+    frame["unlabelled_label_count"] = np.where(labelled, 0, count)
     unknown = np.array([c not in expected.known_categories and c not in declared for c in categories], bool)
     names = np.array(categories, dtype=object)
     frame["undeclared_categories"] = [
         ",".join(names[unknown & (row != 0)]) or None for row in labels]
     return frame, categories
+
+
+def _labelled(a: dict[str, np.ndarray]) -> np.ndarray:
+    """Which rows are labelled: the file's ``labelled`` field, or every row without one."""
+    return a["labelled"] if "labelled" in a else np.ones(len(a["ids"]), bool)
 
 
 def _out_of_range_share(flat, finite, modality: str, expected: BatchExpectations,
@@ -233,7 +248,9 @@ def _suite(gx, expected: BatchExpectations, config: ValidationConfig, n_categori
         gxe.ExpectColumnValuesToBeBetween(column="label_non_binary", min_value=0, max_value=0,
                                           description="labels are binary (0/1)"),
         gxe.ExpectColumnValuesToBeBetween(column="label_count", min_value=1, max_value=max_labels,
-                                          description=f"every item has 1..{max_labels} labels"),
+                                          description=f"every labelled item has 1..{max_labels} labels"),
+        gxe.ExpectColumnValuesToBeBetween(column="unlabelled_label_count", min_value=0, max_value=0,
+                                          description="items marked unlabelled (labelled=False) carry no labels"),
         gxe.ExpectColumnValuesToBeNull(column="undeclared_categories",
                                        description="label names are known or declared new in the batch"),
     ]

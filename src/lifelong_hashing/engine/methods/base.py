@@ -86,6 +86,9 @@ class Method:
     """Base class: encoders, vocabulary, code writing, training loop, save/load."""
 
     name: ClassVar[str]
+    # whether training reads the codes in the store (DLCH's frozen old codes): if not, one
+    # training can be scored under every storing rule (bench/quality.py)
+    reads_stored_codes: ClassVar[bool] = False
 
     def __init__(self, params: Params, image_shape: tuple[int, ...], text_dim: int):
         self.params = params
@@ -116,13 +119,37 @@ class Method:
     def nets(self) -> dict[str, nn.Module]:
         return {"image": self.image_net, "text": self.text_net}
 
-    def database_codes(self, batch: Batch) -> dict[str, np.ndarray]:
-        """Packed codes to store for new database items: each modality through its encoder."""
+    def label_codes(self, batch: Batch) -> np.ndarray:
+        """Packed codes a method gives labelled items from their labels (``database_codes:
+        labels``), one for both modalities: OrthoHash's vote of class codes, DLCH's solved codes,
+        CCMH-GAM's semantic codes."""
+        raise NotImplementedError
+
+    def encoder_codes(self, batch: Batch) -> dict[str, np.ndarray]:
+        """Packed codes of each modality through its own encoder: what an unlabelled item stores."""
         return {"image": self.encode("image", batch.image), "text": self.encode("text", batch.text)}
 
-    def write_codes(self, stage: Stage, store: CodeStore) -> None:
+    def database_codes(self, batch: Batch, rule: str | None = None) -> dict[str, np.ndarray]:
+        """Packed codes to store for new database items, by the storing rule (``rule``, else
+        ``method.database_codes``). ``encoders``: every item's encoder codes. ``labels``: a
+        labelled item stores its label code in both modalities, the code training aims at, so
+        it never carries the encoders' error; an unlabelled one has only its encoders' codes."""
+        codes = self.encoder_codes(batch)
+        rows = np.flatnonzero(batch.labelled) if (rule or self.params.method.database_codes) == "labels" else []
+        if len(rows):
+            voted = self.label_codes(batch.subset(rows))
+            for m in MODALITIES:
+                codes[m][rows] = voted
+        return codes
+
+    def write_codes(self, stage: Stage, store: CodeStore, rule: str | None = None) -> None:
+        """Append the stage's items to ``store`` under the storing rule (``database_codes``)."""
         batch = stage.batch
-        store.append(batch.ids, stage.index, batch.labels, stage.categories, self.database_codes(batch))
+        store.append(batch.ids, stage.index, batch.labels, stage.categories, self.database_codes(batch, rule),
+                     batch.labelled)
+
+    def keep_batch(self, batch: Batch) -> None:
+        """What a method keeps of each stored batch: nothing; the joint baseline keeps them all."""
 
     def rewrite_codes(self, store: CodeStore, encoder: DatabaseEncoder) -> None:
         """Codes of stored items that a stage changes: none. A lifelong method keeps old database
@@ -132,7 +159,8 @@ class Method:
         """Add items of known categories to the database without training (the pipeline's
         append of a batch that declares no new category), encoded by ``encoder``."""
         aligned = batch.with_categories(self.categories)
-        store.append(aligned.ids, self.stage, aligned.labels, self.categories, encoder(self, aligned))
+        store.append(aligned.ids, self.stage, aligned.labels, self.categories, encoder(self, aligned), aligned.labelled)
+        self.keep_batch(aligned)
 
     # ---- shared machinery ----------------------------------------------------------------
     def _new_encoders(self) -> tuple[nn.Module, nn.Module]:
@@ -160,19 +188,20 @@ class Method:
         torch.manual_seed(self.params.seed * 1000 + stage.index)
         self._grow(stage.categories)
         start = time.perf_counter()
-        final_loss = self.train_stage(stage.batch, stage.index, store)
+        final_loss = self.train_stage(stage.batch.labelled_part(), stage.index, store)
         trained = time.perf_counter()
         self.write_codes(stage, store)
+        self.keep_batch(stage.batch)
         self.rewrite_codes(store, encoder)
         encoded = time.perf_counter()
         self.stage = stage.index
-        rewritten = np.zeros(len(before["image"]), bool)
-        for m in MODALITIES:
-            rewritten |= (store.codes[m][: len(before[m])] != before[m]).any(axis=1)
         return StageResult(stage.index, list(stage.new_categories), len(stage.batch), trained - start,
-                           encoded - trained, int(rewritten.sum()), final_loss, self.device.type)
+                           encoded - trained, store.rows_changed(before), final_loss, self.device.type)
 
     def _check_inputs(self, batch: Batch) -> None:
+        if not batch.labelled.any():
+            raise MethodError(f"{batch.source}: a stage needs labelled items to learn its categories; "
+                              "append unlabelled items to a trained model instead")
         if batch.image.shape[1:] != self.image_shape:
             raise MethodError(f"{batch.source}: image shape {batch.image.shape[1:]} != model's {self.image_shape}")
         if batch.text.shape[1] != self.text_dim:
@@ -205,14 +234,15 @@ class Method:
     def run_epochs(self, modules: list[nn.Module], n_items: int, epochs: int, lr: float,
                    step: Callable[[torch.Tensor], torch.Tensor], *, freeze_batchnorm: bool = False,
                    end_of_epoch: Callable[[], None] | None = None, sample_weights: np.ndarray | None = None,
-                   desc: str = "") -> float:
+                   draws: int | None = None, desc: str = "") -> float:
         """The shared loop: Adam, seeded shuffles, lr ×0.1 at 80 % of epochs (OrthoHash's
         schedule). ``step(idx)`` computes the loss of a minibatch and calls backward itself, so a
         method can shape gradients (CCMH-GAM's projection) before the optimizer steps.
 
         ``freeze_batchnorm`` keeps batch-norm statistics fixed: in a lifelong stage, letting them
         drift to the new batch would silently change every old query's code. ``sample_weights``
-        draws each epoch's rows with replacement in proportion to them (class balancing)."""
+        draws each epoch's rows with replacement in proportion to them (class balancing), ``draws``
+        of them (default ``n_items``): a replay memory larger than what an epoch can afford."""
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=lr, weight_decay=self.params.train.weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, int(0.8 * epochs))], 0.1)
@@ -230,7 +260,7 @@ class Method:
             if sample_weights is None:
                 order = torch.randperm(n_items, generator=gen)
             else:
-                order = torch.multinomial(torch.as_tensor(sample_weights, dtype=torch.float64), n_items,
+                order = torch.multinomial(torch.as_tensor(sample_weights, dtype=torch.float64), draws or n_items,
                                           replacement=True, generator=gen)
             for idx in order.split(bs):
                 if len(idx) < 2 <= n_items:  # batch-norm needs two rows

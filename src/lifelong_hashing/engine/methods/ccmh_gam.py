@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lifelong_hashing.engine.batch import Batch
-from lifelong_hashing.engine.codestore import CodeStore
+from lifelong_hashing.engine.codestore import CodeStore, pack_codes
 from lifelong_hashing.engine.losses import bit_balance, graded_similarity, pairwise_cosine_loss, straight_through_sign
 from lifelong_hashing.engine.methods.base import LabelNetMemoryMethod
 
@@ -79,6 +79,13 @@ class CCMHGAM(LabelNetMemoryMethod):
         grown = np.zeros((len(self.pair_labels), new_count), np.float32)
         grown[:, : self.pair_labels.shape[1]] = self.pair_labels
         self.pair_labels = grown
+
+    def label_codes(self, batch: Batch) -> np.ndarray:
+        """The semantic code the label network gives an item's labels: the target its encoders
+        are trained to hit."""
+        with torch.no_grad():
+            self.label_net.eval()
+            return pack_codes(self.label_net(self.tensor(batch.labels)).cpu().numpy())
 
     def train_stage(self, batch: Batch, t: int, store: CodeStore) -> float:
         targets = self._learn_semantics(batch, t)

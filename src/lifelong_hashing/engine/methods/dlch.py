@@ -20,16 +20,14 @@ Our choices where the description is silent or slipped (docs/methods.md has the 
   of new items stay aligned;
 - the tie term of DCC is weighted α·m (m anchors), the weight the loss's own 1/K scaling gives
   it; with α·m·K the tie swamps the similarity term and DCC returns sign(U) on almost every bit;
-- database codes (``method.dlch.database_codes``): ``solved`` stores the codes the stage
-  solved for its items (B = sign(F + G + L) in the base stage, DCC's V after), as asymmetric
-  hashing (ADSH, DIHN) does; ``encoders`` stores sign(F + G). One code per item, for both
-  modalities. ``solved`` is the default: it measured better on both datasets (final average
-  mAP I→T / T→I, 64 bits, one seed, measured with the earlier memory of 20 items a category and
-  lifelong stages as long as the base one): mirflickr25k (12+4+4+4, 10 epochs) 0.917 / 0.706 against
-  0.857 / 0.682, Wikipedia (40 epochs) 0.303 / 0.770 against 0.298 / 0.762. The solved codes
-  carry the labels, which the encoders' signs only approximate.
-  Items appended without training (known categories) get sign(F + G): nothing was solved for
-  them;
+- stored codes under ``method.database_codes: labels``: the codes the stage solved for its
+  labelled items (B = sign(F + G + L) in the base stage, DCC's V after), as asymmetric hashing
+  (ADSH, DIHN) does: they carry the labels, which the encoders' signs only approximate. One code
+  per item, for both modalities. Items appended without training (known categories) get
+  sign(F + G + L) with the label network's output for their labels: nothing was solved for them.
+  Under ``encoders`` (and for unlabelled items) each modality stores its encoder's code. Since
+  lifelong stages pull outputs toward a sample of the stored codes, DLCH's training depends on
+  the rule (``reads_stored_codes``);
 - the "sample of old database items" keeps its features in a class-balanced memory of a few items
   per category, so the stored codes of old items can act as fixed targets for their outputs:
   without it nothing ties the encoders to old inputs and old queries drift away from their codes;
@@ -42,10 +40,10 @@ import numpy as np
 import torch
 
 from lifelong_hashing.engine.batch import Batch
-from lifelong_hashing.engine.codestore import CodeStore, pack_codes, unpack_codes
+from lifelong_hashing.engine.codestore import MODALITIES, CodeStore, pack_codes, unpack_codes
 from lifelong_hashing.engine.losses import bit_balance, graded_similarity, pairwise_cosine_loss
 from lifelong_hashing.engine.methods.base import LabelNetMemoryMethod
-from lifelong_hashing.engine.methods.memory import balanced_sample, class_balanced_weights
+from lifelong_hashing.engine.methods.memory import balanced_sample, class_balanced_weights, replay_draws
 from lifelong_hashing.engine.stages import Stage
 
 
@@ -70,17 +68,31 @@ def dcc_codes(target_term: torch.Tensor, gram: torch.Tensor, n_anchor: int, outp
 
 class DLCH(LabelNetMemoryMethod):
     name = "dlch"
+    reads_stored_codes = True  # lifelong stages pull outputs toward a sample of the stored codes
 
-    def database_codes(self, batch: Batch) -> dict[str, np.ndarray]:
-        joint = pack_codes(self._joint_outputs(batch.image, batch.text))
-        return {"image": joint, "text": joint.copy()}
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # ±1 codes solved for the labelled items of the stage just trained, in their order: the
+        # label codes ``write_codes`` stores for them and the targets their memory rows keep
+        self.solved_codes = np.zeros((0, self.bits), np.float32)
 
-    def write_codes(self, stage: Stage, store: CodeStore) -> None:
-        batch, codes = stage.batch, pack_codes(self._stage_codes)
-        store.append(batch.ids, stage.index, batch.labels, stage.categories, {"image": codes, "text": codes.copy()})
+    def label_codes(self, batch: Batch) -> np.ndarray:
+        """Items appended without training: nothing was solved for them, so the base stage's rule
+        B = sign(F + G + L) with the label network's output for their labels."""
+        with torch.no_grad():
+            self.label_net.eval()
+            lab = self.label_net(self.tensor(batch.labels)).cpu().numpy()
+        outputs = [np.tanh(self.continuous(m, getattr(batch, m))) for m in ("image", "text")]
+        return pack_codes(outputs[0] + outputs[1] + np.tanh(lab))
 
-    def _joint_outputs(self, image: np.ndarray, text: np.ndarray) -> np.ndarray:
-        return self.continuous("image", image) + self.continuous("text", text)
+    def write_codes(self, stage: Stage, store: CodeStore, rule: str | None = None) -> None:
+        batch = stage.batch
+        codes = self.encoder_codes(batch)
+        if (rule or self.params.method.database_codes) == "labels":
+            solved, rows = pack_codes(self.solved_codes), np.flatnonzero(batch.labelled)
+            for m in MODALITIES:
+                codes[m][rows] = solved
+        store.append(batch.ids, stage.index, batch.labels, stage.categories, codes, batch.labelled)
 
     def _outputs(self, image: np.ndarray, text: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """tanh outputs of both encoders over whole arrays, in eval mode, without gradients."""
@@ -89,12 +101,9 @@ class DLCH(LabelNetMemoryMethod):
 
     def train_stage(self, batch: Batch, t: int, store: CodeStore) -> float:
         loss, solved = self._base_stage(batch, t) if t == 0 else self._lifelong_stage(batch, t, store)
-        if self.params.method.dlch.database_codes == "solved":
-            self._stage_codes = solved.cpu().numpy()
-        else:
-            self._stage_codes = np.where(self._joint_outputs(batch.image, batch.text) > 0, 1.0, -1.0)
+        self.solved_codes = solved.cpu().numpy()
         rows = balanced_sample(batch, self.params.method.memory_per_category, [self.params.seed, t])
-        self.memory.add(batch, rows, self._stage_codes[rows])  # exactly the codes the store receives
+        self.memory.add(batch, rows, self.solved_codes[rows])
         return loss
 
     def _base_stage(self, batch: Batch, t: int) -> tuple[float, torch.Tensor]:
@@ -132,7 +141,8 @@ class DLCH(LabelNetMemoryMethod):
         x_img, x_txt = self.tensor(image), self.tensor(text)
         labels = self.tensor(np.concatenate([batch.labels.astype(np.float32), mem.labels]))
         rng = np.random.default_rng([self.params.seed, t])
-        rows = np.sort(rng.choice(len(store), size=min(cfg.old_sample, len(store)), replace=False))
+        pool = np.flatnonzero(store.labelled)  # an unlabelled item's labels are not known to training
+        rows = np.sort(rng.choice(pool, size=min(cfg.old_sample, len(pool)), replace=False))
         old_codes = self.tensor(unpack_codes(store.codes["image"][rows], self.bits))
         old_labels = np.zeros((len(rows), len(self.categories)), np.float32)
         old_labels[:, : store.labels.shape[1]] = store.labels[rows]
@@ -171,5 +181,8 @@ class DLCH(LabelNetMemoryMethod):
 
         loss = self.run_epochs([self.image_net, self.text_net], len(image), train.lifelong_epochs,
                                train.lifelong_lr, step, freeze_batchnorm=True, end_of_epoch=solve_new_codes,
-                               sample_weights=class_balanced_weights(labels.cpu().numpy()), desc=f"dlch stage {t}")
+                               sample_weights=class_balanced_weights(labels.cpu().numpy()),
+                               draws=replay_draws(n_new, len(mem), len(store.categories),
+                                                  self.params.method.replay_per_category),
+                               desc=f"dlch stage {t}")
         return loss, targets[:n_new]

@@ -19,7 +19,7 @@ class ExemplarMemory:
     image: np.ndarray
     text: np.ndarray
     labels: np.ndarray  # float32 multi-hot over the current vocabulary
-    codes: np.ndarray  # float32 ±1 targets the items should keep
+    codes: np.ndarray  # float32 ±1 targets the items should keep (zero-width when none)
 
     @classmethod
     def empty(cls, image_shape: tuple[int, ...], text_dim: int, bits: int) -> ExemplarMemory:
@@ -34,7 +34,11 @@ class ExemplarMemory:
         grown[:, : self.labels.shape[1]] = self.labels
         self.labels = grown
 
-    def add(self, batch: Batch, rows: np.ndarray, codes: np.ndarray) -> None:
+    def add(self, batch: Batch, rows: np.ndarray, codes: np.ndarray | None = None) -> None:
+        """Keep ``rows`` of ``batch`` with the codes they should keep (none for a memory whose
+        targets the method knows otherwise, e.g. OrthoHash's codebook rows)."""
+        if codes is None:
+            codes = np.zeros((len(rows), self.codes.shape[1]), np.float32)
         labels = np.zeros((len(rows), self.labels.shape[1]), np.float32)
         labels[:, : batch.labels.shape[1]] = batch.labels[rows]
         self.image = np.concatenate([self.image, batch.image[rows]])
@@ -77,3 +81,10 @@ def database_share_weights(n_new: int, n_memory: int, old_items: int) -> np.ndar
     retraining: a share old / (old + new) of all draws, uniform within each part."""
     share = old_items / (old_items + n_new) if n_memory else 0.0
     return np.concatenate([np.full(n_new, (1 - share) / n_new), np.full(n_memory, share / max(n_memory, 1))])
+
+
+def replay_draws(n_new: int, n_memory: int, old_categories: int, per_category: int) -> int:
+    """Rows a lifelong epoch draws: the new batch plus at most ``per_category`` memory rows per
+    old category. The memory may keep more than that (``method.memory_per_category``): more
+    distinct old items at the same cost per stage, which is what holds old queries."""
+    return n_new + min(n_memory, per_category * old_categories)

@@ -16,8 +16,13 @@ import torch
 from lifelong_hashing.engine.batch import Batch, load_batch, save_batch
 from lifelong_hashing.engine.codestore import CodeStore, pack_codes
 from lifelong_hashing.engine.losses import distillation, extend_codebook, orthohash_logits, orthohash_loss
-from lifelong_hashing.engine.methods.base import DatabaseEncoder, Method, encode_here
-from lifelong_hashing.engine.methods.memory import ExemplarMemory, balanced_sample, database_share_weights
+from lifelong_hashing.engine.methods.base import DatabaseEncoder, Method
+from lifelong_hashing.engine.methods.memory import (
+    ExemplarMemory,
+    balanced_sample,
+    database_share_weights,
+    replay_draws,
+)
 
 
 class CodebookMethod(Method):
@@ -36,8 +41,17 @@ class CodebookMethod(Method):
         self.codebook = extend_codebook(self.codebook[:old_count], new_count - old_count, self.bits,
                                         cfg.min_distance, self.params.seed)
 
+    def label_codes(self, batch: Batch) -> np.ndarray:
+        """The code an item's labels vote for, the sign of the sum of its class codes (OrthoHash's
+        target); where a bit's vote is tied (as many −1 as +1), the sign of its encoders' outputs.
+        Old codebook rows never change, so such a code stays where later queries are trained to
+        land: asymmetric hashing as in ADSH and DLCH."""
+        votes = batch.labels.astype(np.float32) @ self.codebook.astype(np.float32)
+        outputs = self.continuous("image", batch.image) + self.continuous("text", batch.text)
+        return pack_codes(np.where(votes == 0, outputs, votes))
+
     def fit(self, image: np.ndarray, text: np.ndarray, labels: np.ndarray, t: int, *, lifelong: bool,
-            extra_loss=None, sample_weights: np.ndarray | None = None) -> float:
+            extra_loss=None, sample_weights: np.ndarray | None = None, draws: int | None = None) -> float:
         """Train both encoders with the OrthoHash loss (plus ``extra_loss(idx, x_img, x_txt, v_img,
         v_txt)``); a first fit also fixes the encoders' input normalization."""
         cfg = self.params.method.orthohash
@@ -59,7 +73,7 @@ class CodebookMethod(Method):
         train = self.params.train
         epochs, lr = (train.lifelong_epochs, train.lifelong_lr) if lifelong else (train.epochs, train.lr)
         return self.run_epochs([self.image_net, self.text_net], len(y), epochs, lr, step,
-                               freeze_batchnorm=lifelong, sample_weights=sample_weights,
+                               freeze_batchnorm=lifelong, sample_weights=sample_weights, draws=draws,
                                desc=f"{self.name} stage {t}")
 
 
@@ -76,11 +90,13 @@ class Joint(CodebookMethod):
         self.seen: list[Batch] = []
 
     def train_stage(self, batch: Batch, t: int, store: CodeStore) -> float:
-        self.seen.append(batch)
         torch.manual_seed(self.params.seed)
         self.image_net, self.text_net = self._new_encoders()
-        everything = Batch.concat(self.seen).with_categories(self.categories)
+        everything = Batch.concat([*self.seen, batch]).with_categories(self.categories).labelled_part()
         return self.fit(everything.image, everything.text, everything.labels, t, lifelong=False)
+
+    def keep_batch(self, batch: Batch) -> None:
+        self.seen.append(batch)  # unlabelled items too: they are re-encoded with the rest
 
     def rewrite_codes(self, store: CodeStore, encoder: DatabaseEncoder) -> None:
         """Re-encode every item stored before this stage with the new encoders, found by id: the
@@ -89,10 +105,6 @@ class Joint(CodebookMethod):
         if len(self.seen) > 1:
             past = Batch.concat(self.seen[:-1]).with_categories(self.categories)
             store.overwrite(past.ids, encoder(self, past))
-
-    def append(self, batch: Batch, store: CodeStore, encoder: DatabaseEncoder = encode_here) -> None:
-        super().append(batch, store, encoder)
-        self.seen.append(batch.with_categories(self.categories))
 
     def save(self, directory: Path) -> None:
         super().save(directory)
@@ -119,44 +131,36 @@ class Finetune(CodebookMethod):
 
 class LifelongOrthoHash(CodebookMethod):
     """OrthoHash as a lifelong method: the extendable codebook, a small replay memory, and
-    distillation.
+    (optionally) distillation.
 
     The papers give no lifelong recipe for OrthoHash beyond the extendable codebook. Our choice:
     a class-balanced random memory of a few items per category is trained together with the new
-    batch (old rows of the codebook are their fixed targets), and on every trained item the
-    encoders' cosine logits over the *old* classes are distilled from a frozen copy of the
-    previous encoders (Learning without Forgetting). Both keep old queries near their class codes,
-    which is where their frozen database codes are.
+    batch, with the old rows of the codebook as their fixed targets. Since old rows never change,
+    the targets of old items never move: an old database code, whether voted from labels or
+    computed by an earlier encoder, stays where later queries of its classes are trained to land,
+    and only the query encoders can forget.
 
-    The memory stands in for the old database, and is drawn as often as the old database would
-    be in joint retraining (``memory.database_share_weights``). Drawing it class-balanced instead
-    starves it on multi-label data, where the new batch carries the old labels too: each old
-    label then looks well represented, but only beside new labels, and the text encoder forgot
-    queries with old labels alone (mirflickr25k task 0, T→I: 0.94 after its stage, 0.46 after
-    three more). The memory's size (``method.memory_per_category``) is what mainly holds that;
-    distillation helps on single-label Wikipedia and is neutral to slightly harmful on
-    mirflickr25k; a quarter of the base stage's epochs in lifelong stages (params.yaml) costs
-    nothing measurable in mAP (the sweep behind these choices is in docs/methods.md; the
-    mean ± sd over seeds in bench/quality.py).
+    The memory stands in for the old labelled database, and is drawn as often as that database
+    would be in joint retraining (``memory.database_share_weights``). Drawing it class-balanced
+    instead starves it on multi-label data, where the new batch carries the old labels too: each
+    old label then looks well represented, but only beside new labels, and queries with old
+    labels alone drift. ``method.orthohash.distill`` adds Learning without Forgetting on the
+    encoders' cosine logits over the old classes, from a frozen copy of the previous encoders.
 
-    Database codes (``method.orthohash.database_codes``): ``labels`` stores for each new item the
-    code its labels vote for, the sign of the sum of its class codes (OrthoHash's target), and
-    where a bit's vote is tied (as many −1 as +1), the sign of its encoders' outputs. Database
-    items come with labels, so this is asymmetric hashing as in ADSH and DLCH: the stored code is
-    the one training aims at rather than the encoders' approximation of it. And since old rows of
-    the codebook never change, a stored code stays exactly where the next stages' queries are
-    trained to land: only the query encoders can forget, never the database. ``encoders``
-    stores sign(encoder outputs) per modality, as joint and finetune do. Measured (final average
-    mAP I→T / T→I, 64 bits, seed 0; joint in brackets): Wikipedia 0.347 / 0.832 with labels,
-    0.274 / 0.764 with encoders (0.359 / 0.867); mirflickr25k, 12+4+4+4, 10 epochs: 0.912 /
-    0.713 against 0.805 / 0.683 (0.873 / 0.791).
+    Tried on the validation split (bench/tune.py, docs/methods.md; results in
+    bench/results/tuning.json): distillation, lifelong learning rates, memory sizes; and, by hand
+    on one tuning seed, feature distillation of the body's outputs, code distillation on the
+    memory, training only the head in lifelong stages, unfrozen batch-norm statistics and
+    replaying the whole old database. With encoder codes the memory's size and the lifelong
+    stages' budget decide the quality; distillation and the feature and code regularizers did not
+    help, training only the head and unfreezing batch-norm hurt.
     """
 
     name = "orthohash"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.memory = ExemplarMemory.empty(self.image_shape, self.text_dim, self.bits)
+        self.memory = ExemplarMemory.empty(self.image_shape, self.text_dim, 0)  # targets are codebook rows
 
     def arrays(self):
         return {**super().arrays(), **self.memory.arrays()}
@@ -169,30 +173,29 @@ class LifelongOrthoHash(CodebookMethod):
         super().on_new_categories(old_count, new_count)
         self.memory.grow_labels(new_count)
 
-    def database_codes(self, batch: Batch) -> dict[str, np.ndarray]:
-        if self.params.method.orthohash.database_codes == "encoders":
-            return super().database_codes(batch)
-        votes = batch.labels.astype(np.float32) @ self.codebook.astype(np.float32)
-        outputs = self.continuous("image", batch.image) + self.continuous("text", batch.text)
-        codes = pack_codes(np.where(votes == 0, outputs, votes))
-        return {"image": codes, "text": codes.copy()}
-
     def train_stage(self, batch: Batch, t: int, store: CodeStore) -> float:
         if t == 0:
             loss = self.fit(batch.image, batch.text, batch.labels, t, lifelong=False)
         else:
-            loss = self._lifelong_fit(batch, t, len(store.categories), len(store))
-        rows = balanced_sample(batch, self.params.method.memory_per_category, [self.params.seed, t])
-        self.memory.add(batch, rows, self.codebook[batch.labels[rows].argmax(axis=1)])
+            loss = self._lifelong_fit(batch, t, len(store.categories), int(store.labelled.sum()))
+        self.memory.add(batch, balanced_sample(batch, self.params.method.memory_per_category, [self.params.seed, t]))
         return loss
 
     def _lifelong_fit(self, batch: Batch, t: int, old_classes: int, old_items: int) -> float:
-        cfg = self.params.method.orthohash
-        old_codebook = self.tensor(self.codebook[:old_classes])
         m = self.memory
         image, text = np.concatenate([batch.image, m.image]), np.concatenate([batch.text, m.text])
         labels = np.concatenate([batch.labels.astype(np.float32), m.labels])
-        # The teachers are the encoders as they are now, frozen: their logits are computed once.
+        distill = self.params.method.orthohash.distill
+        keep_old = self._old_logit_distillation(image, text, old_classes) if distill else None
+        return self.fit(image, text, labels, t, lifelong=True, extra_loss=keep_old,
+                        sample_weights=database_share_weights(len(batch), len(m), old_items),
+                        draws=replay_draws(len(batch), len(m), old_classes, self.params.method.replay_per_category))
+
+    def _old_logit_distillation(self, image: np.ndarray, text: np.ndarray, old_classes: int):
+        """The extra loss that keeps the encoders' logits over the old classes where the frozen
+        encoders put them (their logits are computed once, before the stage trains)."""
+        cfg = self.params.method.orthohash
+        old_codebook = self.tensor(self.codebook[:old_classes])
         teacher = {name: orthohash_logits(self.tensor(self.continuous(name, x)), old_codebook, None, cfg.scale, 0.0)
                    for name, x in (("image", image), ("text", text))}
 
@@ -201,5 +204,4 @@ class LifelongOrthoHash(CodebookMethod):
                                     cfg.temperature) for name, v in (("image", v_img), ("text", v_txt)))
             return cfg.distill * loss
 
-        return self.fit(image, text, labels, t, lifelong=True, extra_loss=keep_old_logits,
-                        sample_weights=database_share_weights(len(batch), len(m), old_items))
+        return keep_old_logits
