@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: run test test-fast browser pipeline prefect-server schedule repro rollback validate monitor compare serve \
-	bench bench-small bench-quality bench-quality-small docs lint clean
+	bench bench-small bench-quality bench-quality-small tune docs lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -87,7 +87,11 @@ bench-small: $(STAMP)
 
 # The benchmark that decides the default method (bench/results/quality.json, tables, figures)
 bench-quality: $(STAMP)
-	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/quality.py --jobs 2
+
+# The settings sweep behind params.yaml, on a validation split with tuning seeds (docs/methods.md)
+tune: $(STAMP)
+	$(BIN)/python bench/tune.py --jobs 2
 
 bench-quality-small: $(STAMP)
 	$(BIN)/python bench/quality.py --small

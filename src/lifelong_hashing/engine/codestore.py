@@ -7,8 +7,8 @@ T→I the ``image`` codes with a text query. Hamming ranking breaks ties by data
 
 Exact top-k search runs on a compiled counting kernel (``kernels.hamming_topk_kernel``) for codes
 under 256 bits: the CPU's vector popcount over word-major codes, blocked over queries, and a
-histogram of distances instead of a heap; it keeps the tie rule and measured 2–3× faiss'
-``IndexBinaryFlat`` at 10^6 codes (``bench/search_speed.py``, docs/benchmarks.md). Longer codes
+histogram of distances instead of a heap; it keeps the tie rule and outruns faiss'
+``IndexBinaryFlat`` (``bench/search_speed.py``; bench/results/search_speed.json). Longer codes
 use faiss ``IndexBinaryFlat`` with ``use_heap=False``, whose counting selection keeps the same
 rule. Full rankings (for metrics) use the numpy path, which needs every distance anyway.
 """

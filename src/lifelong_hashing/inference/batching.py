@@ -1,17 +1,18 @@
 """Queries that arrive together are worked on together: one encoder run and one top-k scan for all.
 
-The text encoder took 114 µs for one 1,000-d row alone and 37 µs a row in a batch of 64 (its
-weights are read from memory once per run either way), and the search kernel scans the codes
-once per block of queries. So the service hands each validated request to a ``QueryBatcher``,
+An encoder run reads its weights from memory once, however many rows it encodes, so a row in a
+batch costs a fraction of a row alone (``bench/encoder_throughput.py``), and the search kernel
+scans the codes once per block of queries. So the service hands each validated request to a ``QueryBatcher``,
 which runs every waiting request with the same key (model version, operation, its parameters)
 as one batch, up to a row limit, and hands each request back its own rows. Under light load a
 batch is one request and nothing waits; under load batches grow by themselves.
 
 Where a batch runs depends on its size. Small requests (the service's ``serving.inline_rows``
 and ``inline_hits``) run on the event loop, batched with the small requests that arrived in the
-same turn of the loop: handing one to a thread and back cost more than its work (about 0.25 ms
-of CPU and 0.3 ms of latency per request, measured). At most ``inline_rows`` rows run per turn,
-so the loop is never held for long and ``/health`` keeps answering. Larger requests go to a fixed
+same turn of the loop: handing one to a thread and back cost more than its work
+(``bench/serve_load.py`` measures the service's CPU per request; docs/benchmarks.md). At most
+``inline_rows`` rows run per turn, so the loop is never held for long and ``/health`` keeps
+answering. Larger requests go to a fixed
 number of worker threads (``serving.search_threads``) and never hold the loop.
 """
 

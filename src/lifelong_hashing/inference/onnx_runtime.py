@@ -38,7 +38,7 @@ def execution_providers() -> tuple[str, ...]:
 
 def _options(threads: int = 0) -> ort.SessionOptions:
     """Quiet, and without spinning: ONNX Runtime's idle threads otherwise busy-wait after each run
-    and starve the search kernel's threads (a 10 µs top-k took 0.7 ms behind them). ``threads``
+    and starve the search kernel's threads (a top-k of microseconds then waits behind them). ``threads``
     per run (0: ONNX Runtime's default, one per physical core)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
