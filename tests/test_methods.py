@@ -279,3 +279,20 @@ def test_orthohash_stores_the_codes_the_labels_vote_for():
     assert single.any()
     np.testing.assert_array_equal(codes[single], method.codebook[batch.labels[single].argmax(axis=1)])
     np.testing.assert_array_equal(state.store.codes["image"], state.store.codes["text"])
+
+
+@pytest.mark.parametrize("method", ["joint", "orthohash"])
+def test_one_training_scored_under_both_rules_equals_a_run_per_rule(method):
+    """The quality benchmark trains a method once and scores it under both storing rules: each
+    rule's record must be exactly what a run under that rule alone gives."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import quality
+
+    params = small_params(method, **{"stages.unlabelled_share": 0.3})
+    both = quality.run_rules(params, ("labels", "encoders"))
+    for rule in ("labels", "encoders"):
+        alone = quality.run_rules(params, (rule,))[rule]
+        for direction in ("i2t", "t2i"):
+            assert both[rule][direction]["matrix"] == alone[direction]["matrix"]
+        assert both[rule]["total_codes_rewritten"] == alone["total_codes_rewritten"]
+    assert both["labels"]["i2t"]["matrix"] != both["encoders"]["i2t"]["matrix"]
