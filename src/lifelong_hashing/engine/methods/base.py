@@ -129,15 +129,17 @@ class Method:
         """Packed codes of each modality through its own encoder: what an unlabelled item stores."""
         return {"image": self.encode("image", batch.image), "text": self.encode("text", batch.text)}
 
-    def database_codes(self, batch: Batch, rule: str | None = None) -> dict[str, np.ndarray]:
+    def database_codes(self, batch: Batch, rule: str | None = None,
+                       voted: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Packed codes to store for new database items, by the storing rule (``rule``, else
         ``method.database_codes``). ``encoders``: every item's encoder codes. ``labels``: a
         labelled item stores its label code in both modalities, the code training aims at, so
-        it never carries the encoders' error; an unlabelled one has only its encoders' codes."""
+        it never carries the encoders' error; an unlabelled one has only its encoders' codes.
+        ``voted``: the labelled rows' label codes when training already made them (DLCH)."""
         codes = self.encoder_codes(batch)
         rows = np.flatnonzero(batch.labelled) if (rule or self.params.method.database_codes) == "labels" else []
         if len(rows):
-            voted = self.label_codes(batch.subset(rows))
+            voted = self.label_codes(batch.subset(rows)) if voted is None else voted
             for m in MODALITIES:
                 codes[m][rows] = voted
         return codes

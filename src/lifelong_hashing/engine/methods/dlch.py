@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from lifelong_hashing.engine.batch import Batch
-from lifelong_hashing.engine.codestore import MODALITIES, CodeStore, pack_codes, unpack_codes
+from lifelong_hashing.engine.codestore import CodeStore, pack_codes, unpack_codes
 from lifelong_hashing.engine.losses import bit_balance, graded_similarity, pairwise_cosine_loss
 from lifelong_hashing.engine.methods.base import LabelNetMemoryMethod
 from lifelong_hashing.engine.methods.memory import balanced_sample, class_balanced_weights, replay_draws
@@ -86,12 +86,9 @@ class DLCH(LabelNetMemoryMethod):
         return pack_codes(outputs[0] + outputs[1] + np.tanh(lab))
 
     def write_codes(self, stage: Stage, store: CodeStore, rule: str | None = None) -> None:
+        """The stage's items, with the codes solved for its labelled ones as their label codes."""
         batch = stage.batch
-        codes = self.encoder_codes(batch)
-        if (rule or self.params.method.database_codes) == "labels":
-            solved, rows = pack_codes(self.solved_codes), np.flatnonzero(batch.labelled)
-            for m in MODALITIES:
-                codes[m][rows] = solved
+        codes = self.database_codes(batch, rule, voted=pack_codes(self.solved_codes))
         store.append(batch.ids, stage.index, batch.labels, stage.categories, codes, batch.labelled)
 
     def _outputs(self, image: np.ndarray, text: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
