@@ -123,6 +123,32 @@ def headline_table(rows: list[dict], method: str) -> str:
     return "\n".join(out)
 
 
+LIFELONG = ("orthohash", "dlch", "ccmh_gam")
+
+
+def methods_table(rows: list[dict]) -> str:
+    """The lifelong methods side by side: per dataset, catalogue and storing rule, each one's mean
+    over that dataset's cases (orders × bits) of its % of the ceiling (I→T / T→I), the lower of
+    the two, and its % of joint's train time. Only methods with every case measured are shown."""
+    head = ["dataset", "catalogue", "stored codes", "cases"] + [f"{m}: % of ceiling I→T / T→I (time)" for m in LIFELONG]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for dataset in [d for d in DATASETS if any(r["dataset"] == d for r in rows)]:
+        for catalogue in CATALOGUES:
+            cases = [k for k in _settings(rows, (dataset,)) if k[3] == catalogue]
+            for rule in RULES:
+                cells = [dataset, catalogue, rule, str(len(cases))]
+                for method in LIFELONG:
+                    got = [_headline_case(rows, k, rule, method) for k in cases]
+                    if not cases or not all(got):
+                        cells.append("–")
+                        continue
+                    ceil = [np.mean([g["ceiling"][i] for g in got]) for i in range(2)]
+                    time_share = np.mean([g["time"] for g in got])
+                    cells.append(f"{ceil[0]:.1%} / {ceil[1]:.1%} ({time_share:.0%})")
+                out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def _headline_case(rows: list[dict], key: tuple, rule: str, method: str) -> dict | None:
     group = [r for r in rows if (r["dataset"], r["order"], r["bits"], r["catalogue"]) == key]
     same = [r for r in group if r["rule"] == rule]
@@ -150,11 +176,11 @@ def _headline_row(dataset: str, catalogue: str, rule: str, cases: list[dict]) ->
 
 
 def tuning_table(t: dict) -> str:
-    """bench/tune.py: lifelong OrthoHash's variants and the references on the validation split,
+    """bench/tune.py: the lifelong methods' variants and the references on the validation split,
     final average mAP I→T / T→I under each storing rule, mean over the tuning seeds."""
     rows = t["rows"]
     datasets = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
-    names = list(t["variants"]) + [m for m in ("joint", "finetune") if any(r["variant"] == m for r in rows)]
+    names = [n for n in dict.fromkeys([*t["variants"], "joint", "finetune"]) if any(r["variant"] == n for r in rows)]
     head = ["variant", "settings"] + [f"{d}, {rule} codes" for d in datasets for rule in RULES]
     head += [f"{d}: % of joint's time" for d in datasets]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -325,9 +351,19 @@ def load_table(r: dict) -> str:
         cpu = f"{m['server_cpu_us_per_request']:,.0f} | {m['client_cpu_us_per_request']:,.0f}"
         rows.append(f"| {label} | {m['requests']:,} | {m['requests_per_s']} | {m['p50_ms']} | {m['p99_ms']} "
                     f"| {cpu} | {m['errors']} |")
-    return "\n".join(rows + ["", f"{r['clients']} clients, {r['rounds']} alternating rounds of {r['seconds']:g} s per "
-                                  f"endpoint (req/s and latencies: medians), {r['database_size']:,} codes; **ratio to "
-                                  f"bare: {r['ratio_to_bare']:.2f} ± {r['ratio_to_bare_sd']:.2f}** (per round)"])
+    out = rows + ["", f"{r['clients']} clients, {r['rounds']} alternating rounds of {r['seconds']:g} s per "
+                      f"endpoint (req/s and latencies: medians), {r['database_size']:,} codes; **ratio to "
+                      f"bare: {r['ratio_to_bare']:.2f} ± {r['ratio_to_bare_sd']:.2f}** (per round)"]
+    slow = r.get("slow_clients")
+    if slow:
+        out += ["", "| /health | requests | p50 ms | p99 ms | errors |", "|---|---|---|---|---|"]
+        for key, label in (("health_alone", "alone"),
+                           ("health_beside_slow", f"beside {slow['connections']} slow-body clients")):
+            m = slow[key]
+            out.append(f"| {label} | {m['requests']:,} | {m['p50_ms']} | {m['p99_ms']} | {m['errors']} |")
+        out += ["", f"Each slow client sends POST headers declaring 100 kB, then one body byte a second, for "
+                    f"{slow['seconds']:g} s (the service's request deadline: `serving.request_timeout_seconds`)."]
+    return "\n".join(out)
 
 
 def _read(name: str):
@@ -336,6 +372,7 @@ def _read(name: str):
 
 BLOCKS = {
     "headline": lambda: headline_table(_read("quality"), default_method()),
+    "quality-methods": lambda: methods_table(_read("quality")),
     "quality-wikipedia": lambda: quality_tables(_read("quality"), ("wikipedia",)),
     "quality-mirflickr25k": lambda: quality_tables(_read("quality"), ("mirflickr25k",)),
     "quality-synthetic": lambda: quality_tables(_read("quality"), ("synthetic",)),

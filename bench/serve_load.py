@@ -4,7 +4,8 @@ request body (one 1,000-float Wikipedia text query) and returns ten fixed hits. 
 client, same clients; both servers up at once and measured in alternating rounds, so the
 machine's slow spells hit both. Reports requests/s, p50/p99 latency (medians over rounds), errors,
 the CPU time per request of the server process and of the client, and ``ratio_to_bare`` (service
-req/s ÷ bare req/s of the same round, mean ± sd) in bench/results/serve_load.json. Where the
+req/s ÷ bare req/s of the same round, mean ± sd) in bench/results/serve_load.json; then
+``/health``'s p50/p99 and errors alone and beside 300 slow-body clients (``slow_clients``). Where the
 client's CPU per request is the larger, the client bounds both rates and the ratio says only
 that the service keeps up with it; the servers' CPU per request says what each costs.
 
@@ -99,6 +100,57 @@ def load(url: str, server_pid: int, queries: np.ndarray, seconds: float, clients
             "client_cpu_us_per_request": round(client_cpu / lat.size * 1e6, 1), "errors": int(sum(errors))}
 
 
+def health_latencies(url: str, seconds: float) -> dict:
+    """/health polled for ``seconds`` by one client: p50/p99 (ms) and errors."""
+    latencies, errors, end = [], 0, time.time() + seconds
+    with httpx.Client(timeout=5) as client:
+        while time.time() < end:
+            start = time.perf_counter()
+            try:
+                ok = client.get(url + "/health").status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            latencies.append((time.perf_counter() - start) * 1000)
+            errors += not ok
+            time.sleep(0.02)
+    return {"requests": len(latencies), "errors": errors, "p50_ms": round(float(np.percentile(latencies, 50)), 2),
+            "p99_ms": round(float(np.percentile(latencies, 99)), 2)}
+
+
+def slow_clients(url: str, connections: int, seconds: float) -> dict:
+    """``/health`` alone, then beside ``connections`` clients that send POST headers declaring
+    100 kB and then one body byte a second (slowloris on the body)."""
+    import socket
+
+    alone = health_latencies(url, seconds)
+    host, port = url.removeprefix("http://").split(":")
+    slow = []
+    for _ in range(connections):
+        conn = socket.create_connection((host, int(port)))
+        conn.sendall(b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000\r\n\r\n{")
+        slow.append(conn)
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.wait(1.0):
+            for conn in slow:
+                try:
+                    conn.send(b" ")
+                except OSError:
+                    pass  # cut off by the server's request deadline
+
+    feeder = threading.Thread(target=trickle, daemon=True)
+    feeder.start()
+    try:
+        beside = health_latencies(url, seconds)
+    finally:
+        stop.set()
+        for conn in slow:
+            conn.close()
+    return {"connections": connections, "seconds": seconds, "health_alone": alone, "health_beside_slow": beside}
+
+
 def summary(runs: list[dict]) -> dict:
     """All rounds of one endpoint: their requests and errors summed, rates and latencies as medians."""
     return {"requests": sum(r["requests"] for r in runs), "errors": sum(r["errors"] for r in runs),
@@ -113,6 +165,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--slow-connections", type=int, default=300, help="slow-body clients beside /health")
     ap.add_argument("--state", type=Path, default=ROOT / "runs" / "wikipedia" / "state")
     ap.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -135,6 +188,7 @@ def main() -> None:
         for _ in range(args.rounds):  # alternated, so a slow spell of the machine hits both
             for name in rounds:
                 rounds[name].append(load(urls[name], pids[name], queries, args.seconds, args.clients, args.k))
+        slow = slow_clients(urls["service"], args.slow_connections, args.seconds)
     finally:
         for proc in (bare, service):
             if proc is not None:
@@ -145,7 +199,7 @@ def main() -> None:
     result = {"seconds": args.seconds, "rounds": args.rounds, "clients": args.clients, **measured,
               "ratio_to_bare": round(float(np.mean(ratios)), 3), "ratio_to_bare_sd": round(float(np.std(ratios)), 3),
               "ratio_per_round": [round(r, 3) for r in ratios],
-              "database_size": database_size(models),
+              "database_size": database_size(models), "slow_clients": slow,
               "query": f"1 Wikipedia text query (1,000-d TF-IDF), top-{args.k}"}
     print(load_table(result))
     print(f"written to {write_result('serve_load', result)}")

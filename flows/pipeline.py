@@ -191,9 +191,13 @@ def process_incoming(params_path: str = "params.yaml", overrides: dict | None = 
     logger = get_run_logger()
     params = load_params(params_path, overrides)
     registry = Registry.from_params(params)
-    registry.init()
     outcomes = []
     with registry.acquire(params.pipeline.lock_timeout_seconds):
+        registry.init()
+        recovered = registry.recover()
+        if recovered:
+            logger.warning("the last run stopped midway: %s", recovered)
+        registry.clear_work(keep_pinned=False)  # what a killed run was building
         healed = pipeline.reconcile_serving(registry)
         if healed:
             logger.warning("serving pointed away from the last recorded version; serving %s again", healed)
@@ -208,11 +212,16 @@ def process_incoming(params_path: str = "params.yaml", overrides: dict | None = 
         cluster = DaskCluster(params.pipeline.dask)  # started only if a batch has work for it
         try:
             for arrival in found.pending:
-                outcomes.append(process_batch(arrival, registry, params, cluster))
-                if outcomes[-1]["status"] != "failed":  # promoted or quarantined: its failures are history
+                outcome = process_batch(arrival, registry, params, cluster)
+                if outcome["status"] == "skipped":
+                    logger.warning("incoming: %s; left for the next run", outcome["reason"])
+                    continue
+                outcomes.append(outcome)
+                if outcome["status"] != "failed":  # promoted or quarantined: its failures are history
                     pipeline.forget_attempts(registry, arrival)
         finally:
             cluster.close()
+            shutil.rmtree(registry.pinned_dir, ignore_errors=True)
     if not found.pending:
         logger.info("incoming: nothing new in %s", params.pipeline.incoming)
     problems = [f"{pipeline.printable(o['file'])}: {o['reason']}" for o in outcomes if o["status"] != "promoted"]
@@ -222,27 +231,40 @@ def process_incoming(params_path: str = "params.yaml", overrides: dict | None = 
 
 
 def process_batch(arrival: pipeline.Arrival, registry: Registry, params: Params, cluster: DaskCluster) -> dict:
-    """Validate, train, export, monitor, record and promote one batch. A defect of the batch
-    quarantines it now; any other failure leaves it for the next run, until it is poison."""
+    """Pin, validate, train, export, monitor, record and promote one batch. A defect of the
+    batch quarantines it now; any other failure leaves it for the next run, until it is poison
+    (a run killed on it counts: the attempt is counted before the work). A file that changed
+    since the scan is skipped, for the next run to see as it is then."""
     logger = get_run_logger()
     work = registry.batch_work_dir(arrival.key)
+    timed = {"timeout_seconds": params.pipeline.step_timeout_seconds}
     try:
-        validation = validate(registry, arrival, params)
+        earlier = pipeline.start_attempt(registry, arrival)
+        arrival = pipeline.pin(registry, arrival)
+        if len(earlier) >= params.pipeline.max_attempts:
+            return _reject(arrival, params, f"poison: failed {len(earlier)} runs; last: {earlier[-1]}", [],
+                           kind="poison", errors=earlier)
+        validation = validate.with_options(**timed)(registry, arrival, params)
         if not validation.accepted:
             reason = "; ".join(f.line(validation.rows) for f in validation.failures)
             return _reject(arrival, params, f"validation failed: {reason}", [work / "validation"],
                            validation_html=validation.html_path)
         address = cluster.address() if params.pipeline.dask.enabled else None
-        candidate = train(registry, arrival, validation, params, address)
-        candidate = export(candidate, registry, params)
-        candidate = monitor(candidate, params)
+        candidate = train.with_options(**timed)(registry, arrival, validation, params, address)
+        candidate = export.with_options(**timed)(candidate, registry, params)
+        candidate = monitor.with_options(**timed)(candidate, params)
         if candidate.alerts and params.pipeline.block_on_alerts:
             reports = [Path(candidate.validation_dir), Path(candidate.monitor_dir)]
             return _reject(arrival, params, "monitoring alerts: " + "; ".join(candidate.alerts), reports)
         tag = record(candidate, registry, params)
         version = Path(candidate.version_dir).name
         promote(registry, version)
-        pipeline.retire(arrival)
+        if not pipeline.retire(arrival):
+            logger.warning("incoming: %s changed while it was processed; the new content is left for the next run",
+                           pipeline.printable(arrival.name))
+    except pipeline.ArrivalChanged as why:
+        pipeline.forget_attempts(registry, arrival)
+        return {"status": "skipped", "file": arrival.name, "reason": str(why)}
     except Exception as error:  # noqa: BLE001 - every failure is this batch's outcome; the run goes on
         if pipeline.is_batch_defect(error):
             return _reject(arrival, params, f"batch defect: {error}", [work / "validation"], kind="defect")

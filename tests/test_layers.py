@@ -42,3 +42,18 @@ def test_no_module_imports_from_a_layer_above_its_own():
 def test_every_module_sits_in_a_known_layer():
     assert {layer(".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts)) for p in PACKAGE.rglob("*.py")} \
         <= set(RANK)
+
+
+def test_every_file_the_package_writes_goes_through_files_py():
+    """Records, arrays and reports are written atomically (``files.py``): no ``write_text``,
+    ``write_bytes`` or ``json.dump`` anywhere else, so a crash never leaves half a file."""
+    plain = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "files.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
+                    node.func.attr in ("write_text", "write_bytes")
+                    or (node.func.attr == "dump" and getattr(node.func.value, "id", "") == "json")):
+                plain.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.func.attr}")
+    assert not plain, "\n".join(plain)

@@ -3,7 +3,6 @@ repository with a local remote, on the Wikipedia stage batches (1 epoch, small n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -155,7 +154,8 @@ def test_export_failure_keeps_previous_version_and_next_run_retries(workspace, s
     assert state.is_failed() and "injected" in state.message
     assert snapshot(workspace) == before
     assert [p.name for p in (workspace / "incoming").iterdir()] == [stage_files[1].name]
-    assert [p.name for p in (workspace / "ws" / ".work").glob("*")] == ["attempts.json"]  # no candidate left
+    left = sorted(p.name for p in (workspace / "ws" / ".work").glob("*"))
+    assert left == ["attempts.json", "reserve"]  # no candidate, no pinned copy
     (attempt,) = json.loads((workspace / "ws" / ".work" / "attempts.json").read_text()).values()
     assert len(attempt["errors"]) == 1 and "injected" in attempt["errors"][0]
 
@@ -274,12 +274,20 @@ def test_a_batch_that_would_break_training_is_quarantined_and_the_next_batch_is_
     assert not list((workspace / "incoming").iterdir())
 
 
-def test_a_failure_of_the_environment_is_retried_then_the_batch_is_quarantined_as_poison(workspace, stage_files):
-    """A batch whose work folder cannot be written (a file sits where it goes) fails in every
-    run; the other batches go on, and after max_attempts runs it is quarantined with its errors."""
-    key = hashlib.sha256(stage_files[1].read_bytes()).hexdigest()[:16]
-    (workspace / "ws" / ".work").mkdir(exist_ok=True)
-    (workspace / "ws" / ".work" / key).write_text("in the way")
+def test_a_failure_of_the_environment_is_retried_then_the_batch_is_quarantined_as_poison(workspace, stage_files,
+                                                                                         monkeypatch):
+    """A batch whose training meets a failing disk in every run; the other batches go on, and
+    after max_attempts runs it is quarantined with its errors."""
+    from lifelong_hashing.operations import pipeline
+
+    train = pipeline.train
+
+    def failing_disk(registry, arrival, *args, **kwargs):
+        if arrival.name == stage_files[1].name:
+            raise OSError(5, "injected: Input/output error")
+        return train(registry, arrival, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train", failing_disk)
     drop(stage_files[1], workspace)
     os.utime(workspace / "incoming" / stage_files[1].name, ns=(1, 1))
     drop(stage_files[2], workspace)

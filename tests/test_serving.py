@@ -235,6 +235,7 @@ def test_version_and_health_tell_the_truth(wiki, server):
     ({"modality": "image", "features": [[0.1] * 128], "k": 5000}, 422, "less than or equal to 1000"),
     ({"modality": "audio", "features": [[0.1] * 128]}, 422, "body.modality"),
     ({"modality": "image"}, 422, "send exactly one of 'features' or 'words'"),
+    ({"modality": "text", "features": [[0.1] * 1000], "words": [["war"]]}, 422, "send exactly one of"),
     ({"modality": "text", "words": [["war"]]}, 422, "no text vocabulary"),
     ({"modality": "image", "features": [[0.1] * 128], "radius": 99}, 422, "radius must be within 0..64"),
     ({"modality": "image", "features": [["0.1"] * 128]}, 422, "Input should be a valid number"),
@@ -368,6 +369,126 @@ def test_idle_connections_are_closed_and_cannot_exhaust_the_server(wiki):
                 conn.close()
 
 
+def _health_while(url: str, seconds: float) -> list[float]:
+    """/health's latencies (s), polled for ``seconds``; an error counts as infinitely slow."""
+    latencies, end = [], time.time() + seconds
+    while time.time() < end:
+        start = time.perf_counter()
+        try:
+            ok = httpx.get(url + "/health", timeout=3).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        latencies.append(time.perf_counter() - start if ok else float("inf"))
+        time.sleep(0.1)
+    return latencies
+
+
+def test_slow_bodies_get_408_at_the_request_deadline_and_health_keeps_answering(wiki):
+    """300 clients send POST headers declaring 100 kB, then a byte a second: /health answers all
+    along, and each slow request is told 408 and closed at serving.request_timeout_seconds."""
+    serving = {"request_timeout_seconds": 4.0}
+    with running_service(wiki, wiki["models"], "slow-body", serving) as (url, proc):
+        port = int(url.rsplit(":", 1)[1])
+        slow = []
+        for _ in range(300):
+            conn = socket.create_connection(("127.0.0.1", port))
+            conn.sendall(b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100000\r\n\r\n{")
+            slow.append(conn)
+        stop = threading.Event()
+
+        def trickle():
+            while not stop.wait(1.0):
+                for conn in slow:
+                    with contextlib.suppress(OSError):
+                        conn.send(b" ")
+
+        feeder = threading.Thread(target=trickle, daemon=True)
+        feeder.start()
+        try:
+            latencies = _health_while(url, 3.0)
+            assert max(latencies) < 1.0, sorted(latencies)[-5:]
+            time.sleep(3.0)  # past the deadline
+            replies = []
+            for conn in slow[:20]:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    replies.append(conn.recv(200))
+            assert replies and all(r.startswith(b"HTTP/1.1 408") for r in replies), replies[:3]
+        finally:
+            stop.set()
+            for conn in slow:
+                conn.close()
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+
+
+def test_headers_past_the_size_limit_get_431_and_hold_no_memory(wiki):
+    """A 1 MB header is refused with 431; 30 clients sending 40 MB of unfinished headers are cut
+    off after serving.max_header_bytes each, and the server's memory stays where it was."""
+    with running_service(wiki, wiki["models"], "headers") as (url, proc):
+        port = int(url.rsplit(":", 1)[1])
+        reply = httpx.get(url + "/health", headers={"X-Big": "a" * 1_000_000}, timeout=10)
+        assert reply.status_code == 431
+        assert httpx.get(url + "/health", headers={"X-Fine": "a" * 30_000}).status_code == 200
+        before = _rss_mb(proc.pid)
+
+        def flood(sent: list[int]):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Flood: ")
+                try:
+                    for _ in range(40):
+                        conn.sendall(b"a" * 1_000_000)
+                        sent[0] += 1_000_000
+                except OSError:
+                    pass  # cut off
+
+        counts = [[0] for _ in range(30)]
+        threads = [threading.Thread(target=flood, args=(c,)) for c in counts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert max(c[0] for c in counts) < 40_000_000  # nobody got to send it all
+        assert _rss_mb(proc.pid) - before < 50
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+
+
+def test_uvicorn_is_the_pinned_version_and_its_cli_runs_the_guard(wiki):
+    """The guard extends a class uvicorn does not document: the installed uvicorn must be the
+    pinned minor version, and ``uvicorn serving.app:app --http serving.app:http`` must apply it
+    (without ``--http`` the app says it is unguarded)."""
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pins = [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    (pin,) = [r for r in pins if r.name == "uvicorn"]
+    assert pin.specifier.contains(importlib.metadata.version("uvicorn"))
+    env = {**os.environ, "LHASH_MODELS_DIR": str(wiki["models"]), "LHASH_PARAMS": str(wiki["root"] / "params.yaml")}
+    for guarded in (True, False):
+        port = _free_port()
+        command = [sys.executable, "-m", "uvicorn", "serving.app:app", "--port", str(port),
+                   *(["--http", "serving.app:http"] if guarded else [])]
+        log_path = wiki["root"] / f"uvicorn-{guarded}.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                url = f"http://127.0.0.1:{port}"
+                deadline = time.time() + 90
+                while time.time() < deadline:
+                    with contextlib.suppress(httpx.HTTPError):
+                        if httpx.get(url + "/health", timeout=2).status_code == 200:
+                            break
+                    time.sleep(0.3)
+                status = httpx.get(url + "/health", headers={"X-Big": "a" * 1_000_000}, timeout=10).status_code
+                assert (status == 431) == guarded, log_path.read_text()[-2000:]
+            finally:
+                proc.terminate()
+                proc.wait(20)
+        assert ("without the connection guard" in log_path.read_text()) != guarded
+
+
 def test_hot_swap_keeps_serving_and_refuses_a_broken_version(wiki, server):
     models = wiki["models"]
     second = publish(wiki["state"], models, ExportConfig(int8_min_agreement=None))
@@ -494,6 +615,9 @@ def test_word_queries_use_the_training_vocabulary(tmp_path):
     assert len(hits) == 5 and model.info()["text_vocabulary"] is True
     with pytest.raises(QueryError, match="none of the words"):
         model.features("text", words=[["nothing", "known"]])
+    with pytest.raises(QueryError, match="none of the words") as refused:  # a megabyte is not echoed back
+        model.features("text", words=[["x" * 10**6, *map(str, range(20))]])
+    assert len(str(refused.value)) < 400 and "1,000,000 characters" in str(refused.value)
     with pytest.raises(QueryError, match="query 1: the words \\['w29'\\] carry no weight"):
         model.features("text", words=[["w5"], ["w29"]])
     with pytest.raises(QueryError, match="text modality only"):

@@ -272,3 +272,118 @@ def test_a_new_category_only_unlabelled_items_carry_is_rejected(wikipedia, tmp_p
     media = a["labels"][:, list(a["categories"]).index("media")] == 1
     failure = _only_failure(_validate(wikipedia, tmp_path, _unlabelled(a, media)), "new_categories")
     assert "no labelled item carries them: ['media']" in failure.description
+
+
+@pytest.mark.parametrize(("odd", "why"), [
+    (" wiki-1", "leading or trailing whitespace"),
+    ("wiki-1\u200b", "zero-width"),
+    ("cafe\u0301", "NFC"),
+    ("wiki\x07", "control"),
+])
+def test_ids_that_are_not_canonical_are_rejected(wikipedia, tmp_path, odd, why):
+    a = _arrays(wikipedia["next"])
+    a["ids"] = a["ids"].astype("<U40")
+    a["ids"][3] = odd
+    failure = _only_failure(_validate(wikipedia, tmp_path, a), "id_problem")
+    assert failure.rows == 1 and why in failure.examples[0]
+
+
+def test_ids_that_collide_after_case_folding_are_rejected_naming_both(wikipedia, tmp_path):
+    a = _arrays(wikipedia["next"])
+    a["ids"] = a["ids"].astype("<U40")
+    stored = str(wikipedia["stored_ids"][0])  # Wikipedia's ids are hex digests: letters in them
+    a["ids"][0] = stored.upper()
+    a["ids"][1], a["ids"][2] = "Item-x", "item-X"  # the same id twice in the batch, but for case
+    result = _validate(wikipedia, tmp_path, a)
+    fields = {f.field: f for f in result.failures}
+    assert fields["id_in_database"].examples == [f"{a['ids'][0]}: {stored}"]
+    assert fields["id_key"].rows == 2 and set(fields) == {"id_in_database", "id_key"}
+
+
+@pytest.mark.parametrize("name", ["Literature", "literature ", "ｌiterature"])
+def test_a_category_that_differs_from_another_only_in_case_or_form_is_rejected(wikipedia, tmp_path, name):
+    a = _arrays(wikipedia["next"])
+    a["categories"] = np.where(a["categories"] == "media", name, a["categories"])
+    a["new_categories"] = np.where(a["new_categories"] == "media", name, a["new_categories"])
+    failure = _only_failure(_validate(wikipedia, tmp_path, a), "categories")
+    assert repr(name) in failure.description and ("'literature'" in failure.description or "canonical" in
+                                                  failure.description)
+
+
+def _with_new_categories(batch, n: int) -> dict:
+    """The batch with ``n`` more new categories, one item of each."""
+    a = _arrays(batch)
+    extra = [f"c{i}" for i in range(n)]
+    a["categories"] = np.append(a["categories"], extra)
+    a["new_categories"] = np.append(a["new_categories"], extra)
+    a["labels"] = np.concatenate([a["labels"], np.zeros((len(a["ids"]), n), np.uint8)], axis=1)
+    a["labels"][:n] = 0
+    a["labels"][:n, -n:] = np.eye(n, dtype=np.uint8)
+    return a
+
+
+def test_a_batch_naming_too_many_categories_is_refused_from_its_headers(wikipedia, tmp_path):
+    path = tmp_path / "wide.npz"
+    np.savez(path, **_with_new_categories(wikipedia["next"], 60))
+    limited = wikipedia["params"].validation.model_copy(update={"max_categories": 50})
+    result = validate_batch(path, BatchExpectations.from_state(wikipedia["state"]), limited, tmp_path / "r")
+    assert not result.accepted and "over the limit of 50 (validation.max_categories)" in result.reason
+    assert result.expectations == 1  # refused before the suite ran
+    a = _with_new_categories(wikipedia["next"], 46)
+    new_only = ~np.isin(a["categories"], wikipedia["state"].method.categories)  # no known column
+    a["categories"], a["labels"] = a["categories"][new_only], a["labels"][:, new_only]
+    np.savez(path, **a)  # 48 columns fit the batch limit; 4 known + 48 new do not fit the model's
+    result = validate_batch(path, BatchExpectations.from_state(wikipedia["state"]), limited, tmp_path / "r2")
+    assert [f.field for f in result.failures] == ["new_categories"] and "would know 52" in result.reason
+
+
+def _rezip(src: Path, dest: Path, edit) -> Path:
+    """``src``'s members written again, ``edit(info, data)`` choosing each one's header and bytes."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w") as zout:
+        for info in zin.infolist():
+            for new_info, data in edit(info, zin.read(info)):
+                zout.writestr(new_info, data)
+    return dest
+
+
+@pytest.mark.parametrize(("edit", "words"), [
+    (lambda info, data: [(info, data), (info, data)] if info.filename == "labels.npy" else [(info, data)],
+     "appear more than once: 'labels.npy'"),
+    (lambda info, data: [(zipfile.ZipInfo(info.filename), data)] if info.filename != "ids.npy"
+     else [(_with(zipfile.ZipInfo(info.filename), compress_type=zipfile.ZIP_LZMA), data)],
+     "uses compression method 14"),
+])
+def test_a_zip_that_is_not_plain_is_a_defect_named_at_once(wikipedia, tmp_path, edit, words, capsys):
+    good = save_batch(wikipedia["next"], tmp_path / "good.npz")
+    bad = _rezip(good, tmp_path / "odd.npz", edit)
+    result = validate_batch(bad, BatchExpectations.from_state(wikipedia["state"]), wikipedia["params"].validation,
+                            tmp_path / "report")
+    assert not result.accepted and words in result.reason
+    with pytest.raises(BatchError, match="zip member"):
+        load_batch(bad)
+    args = ["--params", str(wikipedia["params_file"]), "validate", "--state", str(wikipedia["state_dir"])]
+    assert main([*args, str(bad), "--out", str(tmp_path / "cli")]) == 1
+    captured = capsys.readouterr()
+    assert "REJECTED" in captured.out and "Traceback" not in captured.out + captured.err
+
+
+def test_an_encrypted_member_is_a_defect_named_at_once(wikipedia, tmp_path):
+    good = save_batch(wikipedia["next"], tmp_path / "good.npz")
+    data = bytearray(good.read_bytes())
+    # bit 0 of the general purpose flags, in every local and central header: "encrypted"
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = data.find(signature)
+        while at != -1:
+            data[at + offset] |= 0x1
+            at = data.find(signature, at + 4)
+    bad = tmp_path / "encrypted.npz"
+    bad.write_bytes(bytes(data))
+    result = validate_batch(bad, BatchExpectations.from_state(wikipedia["state"]), wikipedia["params"].validation,
+                            tmp_path / "report")
+    assert not result.accepted and "is encrypted" in result.reason
+
+
+def _with(info: zipfile.ZipInfo, **fields) -> zipfile.ZipInfo:
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info

@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
             registry = Registry.from_params(params)
             with registry.acquire(params.pipeline.lock_timeout_seconds):
+                recovered = registry.recover()  # a run that stopped midway leaves nothing to roll back over
+                if recovered:
+                    print(f"{registry.root}: the last pipeline run stopped midway: {recovered}", file=sys.stderr)
                 version = registry.rollback(args.tag)
             print(f"{registry.root}: restored {args.tag}; serving {version} from {registry.models_dir}")
             return 0

@@ -184,8 +184,10 @@ class ServingConfig(_Strict):
     encoder_threads: int = Field(1, ge=0)  # ONNX Runtime threads per encoder run (0: one per core)
     inline_rows: int = Field(8, ge=0)  # requests this small run on the event loop (batching.py); 0: none
     inline_hits: int = Field(1000, ge=0)  # ... and, for /search, with at most this many hits
-    max_connections: int = Field(256, gt=0)  # more are closed on accept; requests past it get 503
+    max_connections: int = Field(1024, gt=0)  # more are closed on accept; requests past it get 503
     header_timeout_seconds: float = Field(10.0, gt=0)  # a connection must send its headers by then
+    request_timeout_seconds: float = Field(30.0, gt=0)  # ... and a request its headers and body (408)
+    max_header_bytes: int = Field(65_536, gt=0)  # request line and headers (431 beyond)
     keep_alive_seconds: int = Field(5, gt=0)  # idle keep-alive connections are closed after this
     backlog: int = Field(512, gt=0)
     allowed_hosts: list[str] = ["127.0.0.1", "localhost", "::1"]  # Host header check; ["*"]: any
@@ -203,6 +205,7 @@ class ValidationConfig(_Strict):
     max_rows: int = Field(1_000_000, gt=0)  # refused from the file's headers, before decompressing
     max_bytes: int = Field(2_000_000_000, gt=0)  # the arrays' declared uncompressed size, likewise
     max_labels_per_item: int | None = Field(None, gt=0)  # null: the most any reference item has
+    max_categories: int = Field(1_000, gt=0)  # a batch may name, and the model may know, this many (headers)
     reports_dir: str = "reports/validation"
 
 
@@ -258,6 +261,7 @@ class PipelineConfig(_Strict):
     lock_timeout_seconds: float = Field(600.0, ge=0)  # how long a run waits for another to finish
     push_retries: int = Field(3, ge=0)
     max_attempts: int = Field(3, gt=0)  # runs a batch may fail for reasons not its own before it is poison
+    step_timeout_seconds: float = Field(3600.0, gt=0)  # validate, train, export, monitor: past it, a failed attempt
     dask: DaskConfig = DaskConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 

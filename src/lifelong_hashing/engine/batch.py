@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,35 @@ from lifelong_hashing.files import write_npz
 
 FIELDS = ("ids", "image", "text", "labels", "categories")
 OPTIONAL_FIELDS = ("new_categories", "labelled")
+
+
+def shown(text: str, limit: int = 60, quoted: bool = True) -> str:
+    """``text`` for a message, quoted and cut to ``limit`` characters: an error never echoes a
+    megabyte it was sent."""
+    text = str(text)
+    head = repr(text[:limit]) if quoted else text[:limit]
+    return head if len(text) <= limit else f"{head}… ({len(text):,} characters)"
+
+
+def name_problem(name: str) -> str | None:
+    """Why an id or category name is not canonical, or None: names are NFC, with no leading or
+    trailing whitespace and no control, format (zero-width) or unassigned characters, so that
+    two names that look the same are the same."""
+    if name != name.strip():
+        return "leading or trailing whitespace"
+    if name.isascii():  # the common case, without a look at every character's category
+        return None if name.isprintable() else "a control character"
+    if unicodedata.normalize("NFC", name) != name:
+        return "not in Unicode normalisation form NFC"
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cn", "Co", "Cs") for c in name):
+        return "a control, zero-width or unassigned character"
+    return None
+
+
+def name_key(name: str) -> str:
+    """What two names must not share: their case-folded compatibility form (``art``, ``Art``
+    and the full-width ``ａrt`` collide)."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
 
 
 class BatchError(ValueError):
@@ -166,7 +196,7 @@ def _validate(b: Batch) -> None:
         raise BatchError(src, "ids", f"expected strings, got dtype {b.ids.dtype}")
     uniq, counts = np.unique(b.ids, return_counts=True)
     if (counts > 1).any():
-        raise BatchError(src, "ids", f"duplicate ids: {uniq[counts > 1][:5].tolist()}")
+        raise BatchError(src, "ids", f"duplicate ids: {', '.join(map(shown, uniq[counts > 1][:5].tolist()))}")
     if any(i == "" for i in b.ids[:]):
         raise BatchError(src, "ids", "empty id string")
     for name, arr, ndims in (("image", b.image, (2, 4)), ("text", b.text, (2,))):
@@ -181,9 +211,10 @@ def _validate(b: Batch) -> None:
         bad = ~np.isfinite(arr.reshape(n, -1)).all(axis=1)
         if bad.any():
             raise BatchError(src, name,
-                             f"{int(bad.sum())} rows with NaN or infinite values (first id {b.ids[bad][0]!r})")
+                             f"{int(bad.sum())} rows with NaN or infinite values (first id {shown(b.ids[bad][0])})")
     if len(set(b.categories)) != len(b.categories) or not b.categories:
-        raise BatchError(src, "categories", f"must be non-empty and unique, got {list(b.categories)[:20]}")
+        raise BatchError(src, "categories", f"must be non-empty and unique, got "
+                                            f"{', '.join(map(shown, list(b.categories)[:20]))}")
     undeclared = [c for c in b.new_categories if c not in b.categories]
     if undeclared:
         raise BatchError(src, "new_categories", f"not among the batch's categories: {undeclared}")
@@ -196,7 +227,7 @@ def _validate(b: Batch) -> None:
     unlabeled = b.labelled & (b.labels.sum(axis=1) == 0)
     if unlabeled.any():
         raise BatchError(src, "labels",
-                         f"{int(unlabeled.sum())} rows without any label (first id {b.ids[unlabeled][0]!r}); "
+                         f"{int(unlabeled.sum())} rows without any label (first id {shown(b.ids[unlabeled][0])}); "
                          "mark unlabelled items with labelled=False")
 
 
@@ -217,6 +248,7 @@ def npz_headers(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.
     headers = {}
     try:
         with zipfile.ZipFile(path) as archive:
+            _check_members(src, archive.infolist())
             for info in archive.infolist():
                 name = info.filename.removesuffix(".npy")
                 with archive.open(info) as fh:
@@ -229,13 +261,30 @@ def npz_headers(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.
         raise
     except FileNotFoundError as err:
         raise BatchError(src, "file", "does not exist") from err
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError) as err:
         raise BatchError(src, "file", f"corrupt or truncated npz: {err}") from err
     return headers
 
 
-def check_declared_size(path: str | os.PathLike, max_rows: int | None, max_bytes: int | None) -> None:
-    """Refuse, by the headers alone, a file whose arrays declare more rows or bytes than allowed."""
+def _check_members(src: str, members: list[zipfile.ZipInfo]) -> None:
+    """An npz is a plain zip: each member once, not encrypted, stored or deflated. Anything else
+    is a defect of the file (``np.load`` would take the last of two same-named members)."""
+    names = [m.filename for m in members]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise BatchError(src, "file", f"zip members appear more than once: {', '.join(map(shown, twice[:5]))}")
+    for m in members:
+        if m.flag_bits & 0x1:
+            raise BatchError(src, "file", f"zip member {shown(m.filename)} is encrypted")
+        if m.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise BatchError(src, "file", f"zip member {shown(m.filename)} uses compression method "
+                                          f"{m.compress_type}; only stored and deflated are read")
+
+
+def check_declared_size(path: str | os.PathLike, max_rows: int | None, max_bytes: int | None,
+                        max_categories: int | None = None) -> None:
+    """Refuse, by the headers alone, a file whose arrays declare more rows, bytes or categories
+    than allowed: what a batch costs to validate and train on is bounded before any of it runs."""
     src, sizes = str(path), {}
     headers = npz_headers(path)
     for name, (shape, dtype) in headers.items():
@@ -243,6 +292,11 @@ def check_declared_size(path: str | os.PathLike, max_rows: int | None, max_bytes
             raise BatchError(src, name, f"dtype {dtype} holds Python objects (pickles are never loaded)")
         if max_rows is not None and name in FIELDS and shape and shape[0] > max_rows:
             raise BatchError(src, name, f"declares {shape[0]:,} rows, over the limit of {max_rows:,}")
+        width = shape[-1] if name == "labels" and len(shape) == 2 else shape[0] if shape else 0
+        if max_categories is not None and name in ("labels", "categories", "new_categories") \
+                and width > max_categories:
+            raise BatchError(src, name, f"declares {width:,} categories, over the limit of {max_categories:,} "
+                                        "(validation.max_categories)")
         sizes[name] = math.prod(shape) * dtype.itemsize
     if max_bytes is not None and sum(sizes.values()) > max_bytes:
         largest = max(sizes, key=sizes.get)
@@ -252,13 +306,14 @@ def check_declared_size(path: str | os.PathLike, max_rows: int | None, max_bytes
 
 
 def read_npz(path: str | os.PathLike, keys: list[str], optional: tuple[str, ...] = (),
-             max_rows: int | None = None, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+             max_rows: int | None = None, max_bytes: int | None = None,
+             max_categories: int | None = None) -> dict[str, np.ndarray]:
     """The named arrays of an npz file (and those of ``optional`` that it has); a missing,
-    unreadable or incomplete file, or one over the size limits, raises ``BatchError`` naming the
-    file and what is wrong. The limits are checked on the headers, before anything is decompressed."""
+    unreadable or incomplete file, a zip that is not plain, or one over the limits raises
+    ``BatchError`` naming the file and what is wrong. The limits are checked on the headers,
+    before anything is decompressed."""
     src = str(path)
-    if max_rows is not None or max_bytes is not None:
-        check_declared_size(path, max_rows, max_bytes)
+    check_declared_size(path, max_rows, max_bytes, max_categories)
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in keys if k not in data.files]
@@ -271,7 +326,7 @@ def read_npz(path: str | os.PathLike, keys: list[str], optional: tuple[str, ...]
         raise BatchError(src, "file", "does not exist") from err
     except MemoryError as err:
         raise BatchError(src, "file", "its arrays do not fit in memory (set validation.max_bytes)") from err
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError) as err:
         raise BatchError(src, "file", f"corrupt or truncated npz: {err}") from err
 
 

@@ -27,7 +27,7 @@ from lifelong_hashing.config import ExportConfig, IndexConfig
 from lifelong_hashing.engine.codestore import MODALITIES, pack_codes, words_from_bytes
 from lifelong_hashing.engine.methods import Method
 from lifelong_hashing.engine.state import RunState
-from lifelong_hashing.files import write_json
+from lifelong_hashing.files import atomic_write, write_json
 from lifelong_hashing.inference.indexes import build_indexes
 from lifelong_hashing.inference.versions import VersionError, list_versions, version_name, version_number, versions_dir
 
@@ -108,8 +108,8 @@ def export_encoder(method: Method, modality: str, path: Path, metadata: dict[str
         entry.key, entry.value = key, str(value)
     buffer = io.BytesIO()
     onnx.save_model(model, buffer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buffer.getvalue())
+    with atomic_write(path) as fh:
+        fh.write(buffer.getvalue())
     net.to(method.device)
 
 

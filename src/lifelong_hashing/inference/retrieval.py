@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lifelong_hashing.engine.batch import shown
 from lifelong_hashing.engine.codestore import MODALITIES, CodeStore, CodeStoreError, words_from_bytes
 from lifelong_hashing.inference.indexes import load_indexes, search_index
 from lifelong_hashing.inference.onnx_runtime import execution_providers, new_session
@@ -22,6 +23,12 @@ class QueryError(ValueError):
 
 class ModelLoadError(RuntimeError):
     pass
+
+
+def _listed(words: list[str]) -> str:
+    """The first few words of a query for a message, each cut short."""
+    more = f" and {len(words) - 10:,} more" if len(words) > 10 else ""
+    return "[" + ", ".join(shown(w, 40) for w in words[:10]) + "]" + more
 
 
 class TextVocabulary:
@@ -37,14 +44,14 @@ class TextVocabulary:
         for row, words in enumerate(queries):
             known = [self.index[w] for w in words if w in self.index]
             if not known:
-                raise QueryError(f"query {row}: none of the words {words[:10]} is in the model's text vocabulary")
+                raise QueryError(f"query {row}: none of the words {_listed(words)} is in the model's text vocabulary")
             np.add.at(out[row], known, 1.0)
         if self.idf is not None:
             out *= self.idf
         weightless = np.flatnonzero(~out.any(axis=1))
         if weightless.size:
             row = int(weightless[0])
-            raise QueryError(f"query {row}: the words {queries[row][:10]} carry no weight (idf 0: they occur in "
+            raise QueryError(f"query {row}: the words {_listed(queries[row])} carry no weight (idf 0: they occur in "
                              "every training text), so the query has no direction to search in")
         if self.l2_normalize:
             out /= np.linalg.norm(out, axis=1, keepdims=True)

@@ -15,6 +15,7 @@ of ``serving.allowed_hosts``.
 """
 
 
+import asyncio
 import functools
 import hmac
 import json
@@ -179,7 +180,7 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
     app.state.holder = holder
     problems = {code: {"model": Problem} for code in (400, 401, 413, 422, 503)}
     # Outermost first: a wrong host, then a missing key, is refused before any body is read.
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, timeout=cfg.request_timeout_seconds)
     app.add_middleware(ApiKey, key=os.environ.get(cfg.api_key_env) or None, open_paths=("/health",))
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(cfg.allowed_hosts))
 
@@ -231,7 +232,8 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
         served_model = served()
         if query.words is None:  # numpy's checks: cheap enough for the event loop
             return query, served_model, served_model.features(query.modality, query.features, None)
-        return query, served_model, await run_in_threadpool(served_model.features, query.modality, None, query.words)
+        return query, served_model, await run_in_threadpool(served_model.features, query.modality, query.features,
+                                                            query.words)
 
     @app.post("/encode", responses={**problems, 200: {"model": EncodeResponse}}, response_class=Response,
               openapi_extra=request_schema(Query))
@@ -284,29 +286,34 @@ async def _refuse(send, status: int, detail: str) -> None:
 
 class BodyLimit:
     """Counts a request's body bytes as they arrive, chunked or not, and answers 413 as soon as
-    they pass ``max_bytes``; the app sees the body only when it is within the limit."""
+    they pass ``max_bytes``, 408 when the body is not complete within ``timeout`` seconds; the
+    app sees the body only when it is within both. (Under any ASGI server: the connection guard,
+    ``guarded_protocol``, also bounds the headers.)"""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout: float):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+        self.unguarded_seen = False
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if not self.unguarded_seen and GUARD_EXTENSION not in scope.get("extensions", {}):
+            self.unguarded_seen = True
+            log.warning("serving without the connection guard (slow or huge headers are not cut off): start with "
+                        "`lhash serve`, or `uvicorn serving.app:app --http serving.app:http`")
         too_large = f"request body larger than {self.max_bytes} bytes"
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             return await _refuse(send, 413, too_large)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await _refuse(send, 413, too_large)
-            if not message.get("more_body"):
-                break
+        try:
+            async with asyncio.timeout(self.timeout):
+                chunks = await self._body(receive)
+        except TimeoutError:
+            return await _refuse(send, 408, f"request body not received within {self.timeout:g} s")
+        if chunks is None:
+            return None
+        if chunks is False:
+            return await _refuse(send, 413, too_large)
         replayed = False
 
         async def replay():
@@ -317,6 +324,20 @@ class BodyLimit:
             return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
         return await self.app(scope, replay, send)
+
+    async def _body(self, receive) -> list[bytes] | None | bool:
+        """The body's chunks; None when the client went away, False past ``max_bytes``."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return False
+            if not message.get("more_body"):
+                return chunks
 
 
 class ApiKey:
@@ -333,58 +354,86 @@ class ApiKey:
         return await self.app(scope, receive, send)
 
 
-def guarded_protocol(max_connections: int, header_timeout: float):
-    """uvicorn's httptools protocol, refusing a connection past ``max_connections`` at once (it
-    holds no file descriptor) and closing one that has not sent a request's headers within
-    ``header_timeout`` seconds (idle or trickling clients), which uvicorn alone never does."""
+GUARD_EXTENSION = "lifelong_hashing.connection_guard"  # in a request's scope when the guard serves it
+
+
+def guarded_protocol(cfg: ServingConfig):
+    """uvicorn's httptools protocol with the limits uvicorn alone does not have: a connection
+    past ``max_connections`` is refused at once (it holds no file descriptor); one that sends no
+    request headers within ``header_timeout_seconds`` is closed, and one whose request (headers
+    and body) takes longer than ``request_timeout_seconds`` gets 408 and is closed (idle,
+    trickling and slow-body clients); request line and headers past ``max_header_bytes`` get 431,
+    so a connection never holds more than that before the body, which ``BodyLimit`` bounds.
+
+    It subclasses a class uvicorn does not document (``HttpToolsProtocol``), which is why
+    pyproject pins uvicorn to one minor version and ``test_serving`` checks the pin and each
+    limit on a real server. Start the app with it: ``lhash serve``, or
+    ``uvicorn serving.app:app --http serving.app:http`` (requests served without it are logged)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class GuardedProtocol(HttpToolsProtocol):
-        _header_timer = None
+        _header_timer = _request_timer = None
+        _header_bytes, _in_headers = 0, True
 
         def connection_made(self, transport):
             super().connection_made(transport)
-            if len(self.connections) > max_connections:
+            if len(self.connections) > cfg.max_connections:
                 log.warning("refusing a connection: %d open (serving.max_connections)", len(self.connections) - 1)
                 transport.abort()
                 return
-            self._start_header_timer()
+            self._header_timer = self.loop.call_later(cfg.header_timeout_seconds, self._expire, None)
+
+        def data_received(self, data: bytes) -> None:
+            if self._in_headers:  # at most one read past the limit is ever buffered
+                self._header_bytes += len(data)
+            super().data_received(data)
+            if self._in_headers and self._header_bytes > cfg.max_header_bytes:
+                self._expire(b"431 Request Header Fields Too Large")
 
         def on_message_begin(self):
             super().on_message_begin()
-            self._start_header_timer()
+            self._in_headers = True
+            timeout = b"408 Request Timeout"
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(cfg.header_timeout_seconds, self._expire, timeout)
+            self._request_timer = self.loop.call_later(cfg.request_timeout_seconds, self._expire, timeout)
 
         def on_headers_complete(self):
-            self._stop_header_timer()
+            self._in_headers, self._header_bytes = False, 0
+            self._header_timer = _cancel(self._header_timer)
+            self.scope.setdefault("extensions", {})[GUARD_EXTENSION] = {}
             super().on_headers_complete()
 
+        def on_message_complete(self):
+            self._request_timer = _cancel(self._request_timer)
+            super().on_message_complete()
+
         def connection_lost(self, exc):
-            self._stop_header_timer()
+            self._header_timer, self._request_timer = _cancel(self._header_timer), _cancel(self._request_timer)
             super().connection_lost(exc)
 
-        def _start_header_timer(self):
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(header_timeout, self._headers_too_slow)
-
-        def _stop_header_timer(self):
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _headers_too_slow(self):
-            self._header_timer = None
-            if not self.transport.is_closing():
-                self.transport.close()
+        def _expire(self, status: bytes | None) -> None:
+            """Close the connection; a request under way is first told why (``status``)."""
+            self._header_timer, self._request_timer = _cancel(self._header_timer), _cancel(self._request_timer)
+            if self.transport.is_closing():
+                return
+            if status is not None and not getattr(self.cycle, "response_started", False):
+                self.transport.write(b"HTTP/1.1 " + status + b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            self.transport.close()
 
     return GuardedProtocol
+
+
+def _cancel(timer) -> None:
+    if timer is not None:
+        timer.cancel()
 
 
 def run_server(app: FastAPI, cfg: ServingConfig, host: str, port: int) -> None:
     """uvicorn with the limits of ``serving``: connections, in-flight requests, timeouts."""
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="info",
-                            http=guarded_protocol(cfg.max_connections, cfg.header_timeout_seconds),
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", http=guarded_protocol(cfg),
                             limit_concurrency=cfg.max_connections, timeout_keep_alive=cfg.keep_alive_seconds,
                             backlog=cfg.backlog)
     uvicorn.Server(config).run()

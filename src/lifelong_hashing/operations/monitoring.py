@@ -19,7 +19,6 @@ report is added to an Evidently workspace so ``evidently ui`` shows the history.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 from lifelong_hashing.config import MonitoringConfig
 from lifelong_hashing.engine.codestore import MODALITIES, unpack_codes
 from lifelong_hashing.engine.metrics import DIRECTIONS, stage_task_matrix
+from lifelong_hashing.files import write_json, write_text
 from lifelong_hashing.operations.code_health import pca_projection
 
 SNAPSHOT_FILE = "snapshot.json"  # the full snapshot, loadable again (evidently.json holds the results)
@@ -197,11 +197,11 @@ def save_report(snapshot, stage: int, out: Path, workspace: Path | None, project
     snapshot.save_html(str(html))
     _add_title(html, snapshot.get_name() or f"Stage {stage}")
     snapshot.save_json(str(raw))
-    (out / SNAPSHOT_FILE).write_text(snapshot.dumps())
+    write_text(out / SNAPSHOT_FILE, snapshot.dumps())
     report = MonitorReport(stage, alerts, warnings, values, str(html), str(out / "monitor.json"), tests=tests)
     if workspace is not None:
         report.workspace, report.snapshot_id = str(workspace), add_to_workspace(snapshot, workspace, project)
-    (out / "monitor.json").write_text(json.dumps(asdict(report), indent=2))
+    write_json(out / "monitor.json", asdict(report))
     return report
 
 
@@ -248,7 +248,7 @@ def _add_title(html: Path, title: str) -> None:
     page = html.read_text()
     page = page.replace("<head>", f"<head>\n<title>{escape(title)}</title>", 1)
     page = page.replace("<body>", f'<body>\n<h1 style="font-family: sans-serif; margin: 16px">{escape(title)}</h1>', 1)
-    html.write_text(page)
+    write_text(html, page)
 
 
 def _codes_for(store, ids: np.ndarray, modality: str) -> np.ndarray:

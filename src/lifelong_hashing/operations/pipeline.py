@@ -1,19 +1,23 @@
 """The operational pipeline as plain steps; ``flows/pipeline.py`` runs them as Prefect tasks.
 
-    scan  →  validate  →  train (new categories) | append (known ones)  →  export  →  monitor
-          →  record (DVC + git tag)  →  promote  →  retire the incoming file
+    scan  →  pin  →  validate  →  train (new categories) | append (known ones)  →  export
+          →  monitor  →  record (DVC + git tag)  →  promote  →  retire the incoming file
 
-Every step before ``record`` writes only into ``<workspace>/.work/<batch>/``; the live state,
-the versions and the serving pointer change only in ``record`` and ``promote``, so a failure
-anywhere earlier leaves the served model as it was and the batch in the incoming folder for the
-next run. A rejected batch (validation, or a monitoring alert when ``block_on_alerts``) moves to
-the quarantine folder with its report.
+``pin`` copies the incoming file into the work folder, hashing what it copies; every later step
+reads that copy (validation loads it once and hands the batch on), so a file replaced or renamed
+mid-run changes nothing. Every step before ``record`` writes only into ``<workspace>/.work/``;
+the live state, the versions and the serving pointer change only in ``record`` (a transaction:
+``Registry.begin``, ``recover``) and ``promote``, so a failure anywhere earlier leaves the served
+model as it was and the batch in the incoming folder for the next run. A rejected batch
+(validation, or a monitoring alert when ``block_on_alerts``) goes to the quarantine folder with
+its report.
 
 Failures are of two kinds. A defect of the batch itself (``BatchError``: it does not load, or
 validation refused it) quarantines it at once, with the reason. Anything else (a full disk, an
-unreachable remote, a crash in a tool) may pass: the batch stays in the incoming folder and the
-next run tries it again; after ``pipeline.max_attempts`` failed runs it is quarantined as poison
-with every error. Either way the run goes on with the other batches.
+unreachable remote, a crash in a tool, a step over its time budget) may pass: the batch stays in
+the incoming folder and the next run tries it again; after ``pipeline.max_attempts`` attempts
+(counted before the work, so a run killed on the batch counts) it is quarantined as poison with
+every error. Either way the run goes on with the other batches.
 
 Incoming file names are recorded, never used to build a path: the batch is known by its content
 hash, and only regular ``.npz`` files directly inside the incoming folder are read. Names are
@@ -22,12 +26,14 @@ shown with ``printable`` (logs) and ``markdown_text`` (Prefect artifacts), never
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
+import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -40,7 +46,7 @@ from lifelong_hashing.engine.metrics import DIRECTIONS, query_scores
 from lifelong_hashing.engine.runner import Scorer, append_known, history_summary, learn_stage, write_plots
 from lifelong_hashing.engine.stages import Stage
 from lifelong_hashing.engine.state import RunState, load_state, new_state, save_state, timings_path
-from lifelong_hashing.files import sha256_of, write_json
+from lifelong_hashing.files import atomic_write, sha256_of, write_json, write_text
 from lifelong_hashing.inference.versions import version_number
 from lifelong_hashing.operations.registry import Registry, version_tag
 from lifelong_hashing.operations.validation import BatchExpectations, ValidationResult, validate_batch
@@ -54,16 +60,34 @@ class BatchRejected(RuntimeError):
 
 @dataclass(frozen=True)
 class Arrival:
-    """A batch file found in the incoming folder."""
+    """A batch file found in the incoming folder; once ``pin`` copied it, the copy every step
+    reads (``pinned``) and the incoming file's identity when it was copied."""
 
     path: Path
     name: str  # as dropped; for the record only
     sha256: str
     size: int
+    pinned: Path | None = None
+    identity: tuple[int, ...] = ()  # (device, inode, size, mtime) of the incoming file at pinning
 
     @property
     def key(self) -> str:
         return self.sha256[:16]
+
+    def unchanged(self) -> bool:
+        """The incoming file is still the one that was pinned (not replaced, rewritten or gone)."""
+        try:
+            return _identity(os.stat(self.path, follow_symlinks=False)) == self.identity
+        except OSError:
+            return False
+
+
+def _identity(stat: os.stat_result) -> tuple[int, ...]:
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+class ArrivalChanged(RuntimeError):
+    """An incoming file changed or vanished between the scan and its pinning: left for the next run."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +173,8 @@ def scan_incoming(incoming: str | Path, manifest: dict) -> Scan:
             skipped.append((entry.name, why))
             continue
         stat = entry.stat()
-        found.append((stat.st_mtime_ns, entry.name, Arrival(entry, entry.name, sha256_of(entry), stat.st_size)))
+        found.append((stat.st_mtime_ns, entry.name,
+                      Arrival(entry, entry.name, sha256_of(entry), stat.st_size, identity=_identity(stat))))
     pending, duplicates, seen = [], [], set()
     for _, _, arrival in sorted(found, key=lambda f: (f[0], f[1])):
         if arrival.sha256 in done:
@@ -177,6 +202,30 @@ def _not_a_batch(entry: Path) -> str | None:
     return None
 
 
+def pin(registry: Registry, arrival: Arrival) -> Arrival:
+    """Copy an incoming file into the run's ``pinned`` folder, hashing what is copied: every
+    later step reads exactly these bytes, whatever happens to the incoming file meanwhile.
+    Raises ``ArrivalChanged`` when the file is gone, or is not what the scan hashed."""
+    registry.pinned_dir.mkdir(parents=True, exist_ok=True)
+    target = registry.pinned_dir / f"{arrival.key}.npz"
+    digest = hashlib.sha256()
+    try:
+        fd = os.open(arrival.path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as err:
+        raise ArrivalChanged(f"{printable(arrival.name)} cannot be read any more ({err.strerror})") from err
+    with os.fdopen(fd, "rb") as src, atomic_write(target) as dst:
+        before = _identity(os.fstat(src.fileno()))
+        for block in iter(lambda: src.read(1 << 20), b""):
+            digest.update(block)
+            dst.write(block)
+        if _identity(os.fstat(src.fileno())) != before:
+            raise ArrivalChanged(f"{printable(arrival.name)} was being written while it was read")
+    if digest.hexdigest() != arrival.sha256:
+        target.unlink()
+        raise ArrivalChanged(f"{printable(arrival.name)} changed after the scan")
+    return replace(arrival, pinned=target, identity=before)
+
+
 def current_state(registry: Registry) -> RunState | None:
     return load_state(registry.state_dir) if (registry.state_dir / "state.json").exists() else None
 
@@ -192,21 +241,28 @@ def validate(registry: Registry, arrival: Arrival, config: ValidationConfig) -> 
     state = current_state(registry)
     expected = BatchExpectations.from_state(state) if state else BatchExpectations.none()
     out = registry.batch_work_dir(arrival.key) / "validation"
-    return validate_batch(arrival.path, expected, config, out, sha256=arrival.sha256)
+    return validate_batch(arrival.pinned, expected, config, out, sha256=arrival.sha256, source=arrival.name)
 
 
 def quarantine(arrival: Arrival, quarantine_dir: str | Path, reason: str, reports: list[Path],
                kind: str = "rejected", errors: list[str] | None = None) -> Path:
-    """Move a batch aside with its reports and the reason; nothing is lost or overwritten.
+    """Keep a batch aside with its reports and the reason; nothing is lost or overwritten. The
+    folder is built under a hidden name and renamed when complete, with the pinned bytes (the
+    ones judged); the incoming file goes only if it is still those bytes.
     ``kind``: rejected (validation, alerts), defect (it does not load) or poison (it kept failing)."""
-    dest = Path(quarantine_dir) / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{arrival.key}"
-    dest.mkdir(parents=True, exist_ok=False)
+    quarantine_dir = Path(quarantine_dir)
+    dest = quarantine_dir / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{arrival.key}"
+    partial = quarantine_dir / f".{dest.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     for report in reports:
         if report.is_dir():
-            shutil.copytree(report, dest / report.name)
-    write_json(dest / "reason.json", {"file": arrival.name, "sha256": arrival.sha256, "size": arrival.size,
-                                      "kind": kind, "reason": reason, "errors": errors or []})
-    shutil.move(arrival.path, dest / "batch.npz")
+            shutil.copytree(report, partial / report.name)
+    write_json(partial / "reason.json", {"file": arrival.name, "sha256": arrival.sha256, "size": arrival.size,
+                                         "kind": kind, "reason": reason, "errors": errors or []})
+    shutil.copyfile(arrival.pinned or arrival.path, partial / "batch.npz")
+    partial.rename(dest)
+    retire(arrival)
     return dest
 
 
@@ -216,13 +272,37 @@ def is_batch_defect(error: BaseException) -> bool:
     return isinstance(error, BatchError)
 
 
-def count_failure(registry: Registry, arrival: Arrival, error: BaseException) -> list[str]:
-    """Add a failed attempt at ``arrival`` to the workspace's ledger; returns every error so far."""
+_STARTED = "started; the run stopped before it ended (killed?)"
+
+
+def start_attempt(registry: Registry, arrival: Arrival) -> list[str]:
+    """Count an attempt at ``arrival`` in the workspace's ledger before any work, so that a run
+    killed midway counts too; returns the earlier attempts' errors."""
     ledger = _read_attempts(registry)
     errors = ledger.setdefault(arrival.sha256, {"name": arrival.name, "errors": []})["errors"]
-    errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {type(error).__name__}: {error}")
+    earlier = list(errors)
+    errors.append(f"{_now()} {_STARTED}")
     write_json(registry.attempts_path, ledger)
+    return earlier
+
+
+def count_failure(registry: Registry, arrival: Arrival, error: BaseException) -> list[str]:
+    """Say why the attempt ``start_attempt`` counted failed; returns every error so far."""
+    ledger = _read_attempts(registry)
+    errors = ledger.setdefault(arrival.sha256, {"name": arrival.name, "errors": []})["errors"]
+    if errors and errors[-1].endswith(_STARTED):
+        errors.pop()
+    errors.append(f"{_now()} {type(error).__name__}: {error}")
+    try:
+        write_json(registry.attempts_path, ledger)
+    except OSError:  # a full disk: the reserve is there for this (taken again by the next run)
+        registry.reserve_path.unlink(missing_ok=True)
+        write_json(registry.attempts_path, ledger)
     return errors
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def forget_attempts(registry: Registry, arrival: Arrival) -> None:
@@ -248,7 +328,7 @@ def train(registry: Registry, arrival: Arrival, validation: ValidationResult, pa
     ``encoder`` compute per-query scores and database codes (appended, or re-encoded by the joint
     baseline) in this process by default, on Dask workers from the flow."""
     state = current_state(registry)
-    batch = load_batch(arrival.path, params.validation.max_rows, params.validation.max_bytes)  # as validated
+    batch = validation.batch  # the pinned bytes as validation loaded them
     if state is None:
         state = new_state(params, batch.image.shape[1:], batch.text.shape[1])
     before = _average_map(state.history[-1]) if state.history else None
@@ -303,6 +383,7 @@ def record(candidate: Candidate, registry: Registry, params: Params) -> str:
     commit and tag). On any failure the last committed version is restored. Returns the tag."""
     version = Path(candidate.version_dir)
     number = version_number(version.name)
+    registry.begin(number, _tree_bytes(candidate.work) + candidate.arrival.size)
     try:
         shutil.rmtree(registry.state_dir, ignore_errors=True)
         shutil.move(candidate.state_dir, registry.state_dir)
@@ -318,25 +399,31 @@ def record(candidate: Candidate, registry: Registry, params: Params) -> str:
             add_to_workspace(target, registry.evidently_workspace, params.monitoring.project)
             (target / SNAPSHOT_FILE).unlink()  # the workspace holds it now; no second 20 MB copy
         registry.batches_dir.mkdir(exist_ok=True)
-        shutil.copyfile(candidate.arrival.path, registry.batches_dir / f"{candidate.arrival.key}.npz")
+        shutil.copyfile(candidate.arrival.pinned, registry.batches_dir / f"{candidate.arrival.key}.npz")
         write_metrics(registry, recorded_history(registry), version.name, candidate.method)
-        (registry.root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
+        write_text(registry.root / "params.yaml", yaml.safe_dump(params.model_dump(), sort_keys=False))
         manifest = read_manifest(registry)
         manifest[MANIFEST_KEY][candidate.arrival.sha256] = {
             "name": candidate.arrival.name, "version": version.name, "tag": version_tag(number),
             "kind": candidate.kind, "stage": candidate.stage, "items": candidate.items,
             "new_categories": candidate.new_categories,
             "processed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        registry.manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        write_json(registry.manifest_path, manifest)
         message = (f"{version.name}: {candidate.kind} of {printable(candidate.arrival.name)} ({candidate.items} items"
                    + (f", new categories {', '.join(candidate.new_categories)}" if candidate.new_categories else "")
                    + ")")
         tag = registry.record(number, message, params.pipeline.push_retries)
     except BaseException:
         registry.restore()
+        registry.finish()
         raise
+    registry.finish()
     shutil.rmtree(candidate.work, ignore_errors=True)
     return tag
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def promote(registry: Registry, version: str) -> None:
@@ -346,9 +433,14 @@ def promote(registry: Registry, version: str) -> None:
     point_serving_at(registry.models_dir, version)
 
 
-def retire(arrival: Arrival) -> None:
-    """Take a batch out of the incoming folder once it is recorded (its bytes live in batches/)."""
+def retire(arrival: Arrival) -> bool:
+    """Take a batch out of the incoming folder once it is recorded or quarantined (its bytes live
+    on there), unless the file there is no longer the one pinned: new content is left for the
+    next run. Whether it was removed."""
+    if not arrival.unchanged():
+        return False
     arrival.path.unlink(missing_ok=True)
+    return True
 
 
 def summary_markdown(candidate: Candidate, metrics: dict, tag: str, version: str) -> str:
@@ -409,5 +501,5 @@ def write_metrics(registry: Registry, history: list[dict], version: str, method:
         s = summary[d]
         metrics[d] = {"final_average_map": s["final_average_map"], "mean_forgetting": s["mean_forgetting"],
                       "backward_transfer": s["backward_transfer"], "matrix": s["matrix"]}
-    registry.metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(registry.metrics_path, metrics)
     write_plots(summary, registry.plots_dir)

@@ -10,15 +10,23 @@ tagged ``model-vN``.
       plots/          mAP per task across stages (git; ``dvc plots show``)
       state/ models/versions/ batches/ reports/    DVC outputs, pushed to the remote
       models/CURRENT  the served version (not versioned: promotion and rollback move it)
-      .work/ .lock    candidates being built, the ledger of failed attempts per batch
-                      (``.work/attempts.json``) and the lock one run holds (ignored)
+      .work/ .lock    candidates being built, the ledger of attempts per batch
+                      (``.work/attempts.json``), the journal of a recording in progress, the
+                      space kept for a restore (``.work/reserve``) and the lock one run holds
+                      (ignored)
 
 A version is recorded only after every step succeeded; until then the candidate lives in
-``.work/``, and ``restore`` puts the last committed version back if recording fails halfway.
+``.work/``. Recording is a transaction: ``begin`` checks the disk has room for it and writes a
+journal, ``record`` makes the DVC commit, push, git commit and tag, ``finish`` removes the
+journal. A failure in between calls ``restore``; a run killed in between leaves the journal (or
+uncommitted changes), and the next run's ``recover`` finishes the version (its commit was made,
+only the tag is missing) or undoes it, before anything reads the workspace. Nothing trusts an
+uncommitted file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -34,17 +42,21 @@ from filelock import FileLock, Timeout
 
 from lifelong_hashing.config import Params
 from lifelong_hashing.engine.metrics import DIRECTIONS
+from lifelong_hashing.files import write_json, write_text
 from lifelong_hashing.inference.versions import list_versions, promote, version_name, version_number, versions_dir
 from lifelong_hashing.operations.monitoring import stage_report_name
 
 OUTPUTS = ("state", "models/versions", "batches", "reports")
 TAG = re.compile(r"^model-v(\d+)$")
+STAGE = "increment"
+# Kept free for ``restore`` (removed first, so git and DVC can write on a full disk)
+RESERVE_BYTES = 64 << 20
 
 
 def version_tag(number: int) -> str:
     """The git tag of version ``number`` in the workspace."""
     return f"model-v{number}"
-STAGE = "increment"
+
 
 _DVC_YAML = {
     "stages": {STAGE: {
@@ -88,16 +100,24 @@ def run_tool(args: list[str], cwd: Path) -> str:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}
     proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
     if proc.returncode:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
         raise RegistryError(f"`{' '.join(args[2:] if args[0] == sys.executable else args)}` failed in {cwd}: "
-                            f"{detail[-1] if detail else f'exit {proc.returncode}'}")
+                            f"{tool_error_line(proc.stderr or proc.stdout) or f'exit {proc.returncode}'}")
     return proc.stdout
+
+
+def tool_error_line(output: str) -> str:
+    """The line of a tool's output that says what went wrong: DVC's last ``ERROR:`` line (its
+    closing advertisement for support is not it), else the last line."""
+    lines = [line.strip() for line in output.splitlines()
+             if line.strip() and "Having any troubles?" not in line]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    return (errors or lines or [""])[-1]
 
 
 def write_task_lines_template(repo: Path) -> None:
     target = repo / ".dvc" / "plots" / "task_lines.json"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(TASK_LINES_TEMPLATE, indent=2) + "\n")
+    write_json(target, TASK_LINES_TEMPLATE)
 
 
 @dataclass(frozen=True)
@@ -157,6 +177,20 @@ class Registry:
         return self.work_dir / "attempts.json"
 
     @property
+    def journal_path(self) -> Path:
+        """The recording in progress (``begin`` to ``finish``): what ``recover`` completes or undoes."""
+        return self.work_dir / "recording.json"
+
+    @property
+    def reserve_path(self) -> Path:
+        return self.work_dir / "reserve"
+
+    @property
+    def pinned_dir(self) -> Path:
+        """Copies of the batches a run is working on: it reads these, never the incoming files."""
+        return self.work_dir / "pinned"
+
+    @property
     def manifest_path(self) -> Path:
         return self.root / "manifest.json"
 
@@ -173,6 +207,7 @@ class Registry:
         return run_tool(["git", *args], self.root)
 
     def dvc(self, *args: str) -> str:
+        """A DVC command, not quiet: with ``-q`` DVC does not say why it failed."""
         return run_tool([sys.executable, "-m", "dvc", *args], self.root)
 
     def lock(self, timeout: float) -> FileLock:
@@ -195,6 +230,20 @@ class Registry:
         if not ((self.root / ".dvc").is_dir() and (self.root / ".git").exists()):
             self._create()
         self.dvc("remote", "add", "--local", "-d", "-f", "storage", self.remote)
+        self.keep_reserve()
+
+    def keep_reserve(self) -> None:
+        """Hold ``RESERVE_BYTES`` of the disk in ``.work/reserve`` (if they are free), so that a
+        restore on a full disk can release them first and still write."""
+        reserve = self.reserve_path
+        if reserve.exists() and reserve.stat().st_size >= RESERVE_BYTES:
+            return
+        reserve.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(reserve, "wb") as fh:
+                os.posix_fallocate(fh.fileno(), 0, RESERVE_BYTES)
+        except OSError:
+            reserve.unlink(missing_ok=True)  # no room now: the next run tries again
 
     def _create(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -205,9 +254,9 @@ class Registry:
         self.dvc("init", "-q")
         self.dvc("config", "core.analytics", "false")
         write_task_lines_template(self.root)
-        (self.root / "dvc.yaml").write_text(yaml.safe_dump(_DVC_YAML, sort_keys=False, allow_unicode=True))
-        (self.root / ".gitignore").write_text("\n".join(_IGNORED) + "\n")
-        self.manifest_path.write_text(json.dumps({"batches": {}}, indent=2) + "\n")
+        write_text(self.root / "dvc.yaml", yaml.safe_dump(_DVC_YAML, sort_keys=False, allow_unicode=True))
+        write_text(self.root / ".gitignore", "\n".join(_IGNORED) + "\n")
+        write_json(self.manifest_path, {"batches": {}})
         self.git("add", "-A")
         self.git("commit", "-q", "-m", "Pipeline workspace")
 
@@ -221,38 +270,133 @@ class Registry:
         on_disk = [version_number(name) for name in list_versions(self.models_dir)]
         return max(tagged + on_disk, default=0) + 1
 
+    def begin(self, number: int, need_bytes: int) -> None:
+        """Open the recording of version ``number``: refuse it, changing nothing, when the disk
+        has less room than it needs (``need_bytes`` of new files, which the DVC cache and a
+        local remote on the same disk copy again); else write the journal ``recover`` reads."""
+        copies = 3 if self._remote_shares_disk() else 2
+        free = shutil.disk_usage(self.root).free
+        if free < copies * need_bytes + RESERVE_BYTES:
+            raise OSError(errno.ENOSPC, f"{self.root}: {free:,} bytes free, recording version {number} needs about "
+                                        f"{copies * need_bytes + RESERVE_BYTES:,}; nothing was changed")
+        head = self.git("rev-parse", "HEAD").strip()
+        write_json(self.journal_path, {"number": number, "tag": version_tag(number), "head": head})
+
     def record(self, number: int, message: str, push_retries: int) -> str:
         """Record the outputs now in place as version ``number``: ``dvc commit``, push the data,
         then commit and tag in git. Returns the tag."""
         tag = version_tag(number)
-        self.dvc("commit", "-f", "-q", STAGE)
+        self.dvc("commit", "-f", STAGE)
         self.push(push_retries)
         self.git("add", "-A")
         self.git("commit", "-q", "-m", message)
         self.git("tag", tag)
         return tag
 
+    def finish(self) -> None:
+        """Close the recording: the version is complete."""
+        self.journal_path.unlink(missing_ok=True)
+
     def push(self, retries: int) -> None:
-        """``dvc push``, retried: a remote can be briefly unreachable."""
+        """``dvc push``, retried: a remote can be briefly unreachable. A failed push leaves
+        partial uploads in a folder remote; they are removed."""
         for attempt in range(retries + 1):
             try:
-                self.dvc("push", "-q")
+                self.dvc("push")
                 return
             except RegistryError:
+                self.clean_remote()
                 if attempt == retries:
                     raise
                 time.sleep(2**attempt)
 
+    def clean_remote(self) -> int:
+        """Remove the partial uploads (``*.tmp``, DVC's names for files in transit) a killed or
+        failed push left in a folder remote; how many. Other remotes clean up themselves."""
+        folder = Path(self.remote)
+        if "://" in self.remote or not folder.is_dir():
+            return 0
+        partial = list(folder.rglob("*.tmp"))
+        for path in partial:
+            path.unlink(missing_ok=True)
+        return len(partial)
+
     def restore(self) -> None:
         """Put the last committed version back: tracked files from git, outputs from the DVC cache;
-        anything a failed run left behind goes."""
+        anything a failed run left behind goes. The reserve is released first, so this works on a
+        full disk; it is taken again when there is room."""
+        self.reserve_path.unlink(missing_ok=True)
+        self._remove_stale_git_locks()
         self.git("reset", "-q", "--hard", "HEAD")
         self.git("clean", "-fdq")
         if (self.root / "dvc.lock").exists():
-            self.dvc("checkout", "--force", "-q")
+            self.dvc("checkout", "--force")
+        self.clear_work()
+        self.keep_reserve()
+
+    def clear_work(self, keep_pinned: bool = True) -> None:
+        """Remove what runs built in ``.work/``: candidates, and with ``keep_pinned=False`` the
+        pinned batch copies (a run's own are still needed after a restore). The attempt ledger,
+        the reserve and the journal stay."""
+        kept = {"attempts.json", "reserve", self.journal_path.name} | ({"pinned"} if keep_pinned else set())
         for left in self.work_dir.glob("*"):
-            if left != self.attempts_path:
+            if left.name in kept:
+                continue
+            if left.is_dir() and not left.is_symlink():
                 shutil.rmtree(left, ignore_errors=True)
+            else:
+                left.unlink(missing_ok=True)
+
+    def recover(self) -> str | None:
+        """Finish or undo what a run that was killed left behind; called with the lock held,
+        before anything reads the workspace. A version whose git commit was made is finished
+        (tagged); anything less (a journal without that commit, or uncommitted changes to
+        tracked files or DVC outputs) is undone. Returns what was done, or None."""
+        if not (self.root / ".git").exists():
+            return None
+        self._remove_stale_git_locks()
+        removed = self.clean_remote()
+        done = None
+        journal = json.loads(self.journal_path.read_text()) if self.journal_path.exists() else None
+        if journal and journal["tag"] not in self.tags():
+            head = self.git("rev-parse", "HEAD").strip()
+            parent = self.git("rev-parse", "HEAD~1").strip() if head != journal["head"] else None
+            if parent == journal["head"]:  # the commit holds the whole version (pushed before it)
+                if self.uncommitted():
+                    self.restore()
+                self.git("tag", journal["tag"])
+                done = f"finished recording {journal['tag']} (committed; the tag was missing)"
+            else:
+                self.restore()
+                done = f"undid the unfinished recording of {journal['tag']}"
+        elif self.uncommitted():
+            self.restore()
+            done = "undid uncommitted changes (a run stopped before recording)"
+        self.finish()
+        if removed:
+            done = (done + "; " if done else "") + f"removed {removed} partial uploads from the remote"
+        return done
+
+    def uncommitted(self) -> bool:
+        """Tracked files or DVC outputs differ from the last commit."""
+        if self.git("status", "--porcelain").strip():
+            return True
+        return (self.root / "dvc.lock").exists() and json.loads(self.dvc("status", "--json") or "{}") != {}
+
+    def _remove_stale_git_locks(self) -> None:
+        """A git command killed midway leaves ``*.lock`` files that fail every later one. The
+        pipeline's lock is held, so no git command of ours is running here."""
+        git_dir = self.root / ".git"
+        for lock in [git_dir / "index.lock", git_dir / "HEAD.lock", *git_dir.glob("refs/**/*.lock")]:
+            lock.unlink(missing_ok=True)
+
+    def _remote_shares_disk(self) -> bool:
+        if "://" in self.remote:
+            return False
+        folder = Path(self.remote)
+        while not folder.exists():
+            folder = folder.parent
+        return folder.stat().st_dev == self.root.stat().st_dev
 
     def rollback(self, tag: str) -> str:
         """Make ``tag``'s version the current one, as a new commit (history is kept), and serve it.
@@ -266,9 +410,9 @@ class Registry:
             raise RegistryError(f"{self.root}: uncommitted changes; refusing to roll back over them")
         self.git("checkout", tag, "--", ".")
         try:
-            self.dvc("checkout", "--force", "-q")
+            self.dvc("checkout", "--force")
         except RegistryError:
-            self.dvc("pull", "--force", "-q")  # cache cleared: fetch from the remote
+            self.dvc("pull", "--force")  # cache cleared: fetch from the remote
         self.git("add", "-A")
         self.git("commit", "-q", "--allow-empty", "-m", f"Roll back to {tag}")
         name = version_name(int(match.group(1)))

@@ -17,15 +17,25 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from lifelong_hashing.config import ValidationConfig
-from lifelong_hashing.engine.batch import FIELDS, OPTIONAL_FIELDS, BatchError, batch_from_arrays, read_npz
+from lifelong_hashing.engine.batch import (
+    FIELDS,
+    OPTIONAL_FIELDS,
+    Batch,
+    BatchError,
+    batch_from_arrays,
+    name_key,
+    name_problem,
+    read_npz,
+    shown,
+)
 from lifelong_hashing.engine.reference import ReferenceProfile, flat_features
-from lifelong_hashing.files import sha256_of
+from lifelong_hashing.files import sha256_of, write_text
 
 SUITE = "incoming_batch"
 _EXAMPLES = 5
@@ -57,6 +67,7 @@ class ValidationResult:
     expectations: int  # how many were evaluated
     json_path: str | None = None
     html_path: str | None = None
+    batch: Batch | None = field(default=None, repr=False, compare=False)  # accepted: as training reads it
 
     @property
     def reason(self) -> str:
@@ -93,40 +104,49 @@ class BatchExpectations:
 
 
 def validate_batch(path: str | Path, expected: BatchExpectations, config: ValidationConfig,
-                   out_dir: str | Path | None = None, sha256: str | None = None) -> ValidationResult:
+                   out_dir: str | Path | None = None, sha256: str | None = None,
+                   source: str | None = None) -> ValidationResult:
     """Run the suite on a batch file; with ``out_dir``, write ``validation.json`` and the GX data
     docs there (a folder per batch content hash, under ``config.reports_dir`` by default).
-    ``sha256``: the file's content hash when the caller has it already."""
+    ``sha256``: the file's content hash when the caller has it already; ``source``: the name to
+    report it by (default: the path). An accepted result carries the batch it loaded, so that
+    the bytes validated are the bytes trained on, read once."""
     path = Path(path)
+    source = source or str(path)
     try:
         sha = sha256 or sha256_of(path)
     except OSError:
         sha = "0" * 64  # unreadable: read_npz below says why
     out = Path(out_dir) if out_dir else Path(config.reports_dir) / f"{_safe_stem(path)}-{sha[:12]}"
     try:
-        arrays = read_npz(path, list(FIELDS), OPTIONAL_FIELDS, config.max_rows, config.max_bytes)
+        arrays = read_npz(path, list(FIELDS), OPTIONAL_FIELDS, config.max_rows, config.max_bytes,
+                          config.max_categories)
     except BatchError as err:
-        result = ValidationResult(str(path), sha, False, 0, [], [],
+        result = ValidationResult(source, sha, False, 0, [], [],
                                   [Failure("batch_structure", err.field, err.problem, 0)], 1)
         return _write(result, out, None)
     structural = _structure_failures(arrays)
     if structural:
         n = len(arrays["ids"]) if arrays["ids"].ndim == 1 else 0
-        return _write(ValidationResult(str(path), sha, False, n, [], [], structural, len(structural)), out, None)
+        return _write(ValidationResult(source, sha, False, n, [], [], structural, len(structural)), out, None)
     frame, categories = _item_frame(arrays, expected, config.range_tolerance)
     failures, evaluated, html = _run_suite(frame, len(categories), expected, config, out)
     declared = [str(c) for c in arrays.get("new_categories", np.empty(0, str)).tolist()]
-    failures += _batch_failures(arrays, categories, declared, expected)
+    failures += _batch_failures(arrays, categories, declared, expected, config.max_categories)
     evaluated += BATCH_CHECKS
+    batch = None
     if not failures:
         evaluated += 1
         try:  # exactly what training will do with the file
-            batch_from_arrays(arrays, str(path)).for_model(expected.known_categories)
+            batch = batch_from_arrays(arrays, source)
+            batch.for_model(expected.known_categories)
         except BatchError as err:
             failures.append(Failure("batch_structure", err.field, err.problem, 0))
+            batch = None
     result = ValidationResult(
-        str(path), sha, not failures, len(frame), [c for c in categories if c in expected.known_categories],
-        [c for c in categories if c in declared and c not in expected.known_categories], failures, evaluated)
+        source, sha, not failures, len(frame), [c for c in categories if c in expected.known_categories],
+        [c for c in categories if c in declared and c not in expected.known_categories], failures, evaluated,
+        batch=batch)
     return _write(result, out, html)
 
 
@@ -158,14 +178,20 @@ def _structure_failures(a: dict[str, np.ndarray]) -> list[Failure]:
     return [Failure("batch_structure", f, p, 0) for f, p in problems]
 
 
-BATCH_CHECKS = 3  # the declaration checks of _batch_failures, counted among the expectations
+BATCH_CHECKS = 6  # the checks of _batch_failures, counted among the expectations
 
 
 def _batch_failures(a: dict[str, np.ndarray], categories: list[str], declared: list[str],
-                    expected: BatchExpectations) -> list[Failure]:
+                    expected: BatchExpectations, max_categories: int) -> list[Failure]:
     """Checks of the batch as a whole: its declarations must agree with its columns and the model,
-    and a new category must be carried by a labelled item, or nothing could learn it."""
-    problems = []
+    a new category must be carried by a labelled item (or nothing could learn it), names must be
+    canonical and distinct from the known ones after case-folding, and the model may not grow
+    past ``max_categories``."""
+    problems = _category_name_problems(categories, expected.known_categories)
+    grown = len(set(expected.known_categories) | set(declared))
+    if grown > max_categories:
+        problems.append(("new_categories", f"the model would know {grown:,} categories, over the limit of "
+                                           f"{max_categories:,} (validation.max_categories)"))
     carried = (a["labels"][_labelled(a)] != 0).any(axis=0)
     untaught = [c for c, has in zip(categories, carried, strict=True) if c in declared and not has]
     if untaught and not [c for c in declared if c not in categories]:
@@ -179,6 +205,22 @@ def _batch_failures(a: dict[str, np.ndarray], categories: list[str], declared: l
     return [Failure("batch_structure", f, p, 0) for f, p in problems]
 
 
+def _category_name_problems(categories: list[str], known: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Non-canonical category names, and names that collide after case-folding with a known one
+    or with each other (each collision names both)."""
+    odd = [f"{shown(c)} ({why})" for c in categories if (why := name_problem(c))]
+    problems = [("categories", f"names not canonical: {'; '.join(odd[:5])}")] if odd else []
+    seen = {name_key(k): k for k in known}
+    clashes = []
+    for c in categories:
+        other = seen.setdefault(name_key(c), c)
+        if other != c:
+            clashes.append(f"{shown(c)} and {shown(other)}")
+    if clashes:
+        problems.append(("categories", f"names that differ only in case or form: {'; '.join(clashes[:5])}"))
+    return problems
+
+
 def _item_frame(a: dict[str, np.ndarray], expected: BatchExpectations, tolerance: float):
     """One summary row per item: the columns the suite checks."""
     import pandas as pd
@@ -187,7 +229,11 @@ def _item_frame(a: dict[str, np.ndarray], expected: BatchExpectations, tolerance
     categories = [str(c) for c in a["categories"].tolist()]
     declared = {str(c) for c in a.get("new_categories", np.empty(0, str)).tolist()}
     frame = pd.DataFrame({"id": [i if i else None for i in ids]})
-    frame["id_in_database"] = np.isin(ids, expected.database_ids)
+    frame["id_problem"] = [name_problem(i) for i in ids]
+    keys = [name_key(i) for i in ids]
+    frame["id_key"] = keys
+    stored = {name_key(i): i for i in expected.database_ids.tolist()} if len(expected.database_ids) else {}
+    frame["id_in_database"] = [shown(stored[k], 40, quoted=False) if k in stored else None for k in keys]
     for modality in ("image", "text"):
         with np.errstate(over="ignore"):  # beyond float32's range becomes inf: counted as non-finite
             x = np.asarray(a[modality], dtype=np.float32)
@@ -236,9 +282,14 @@ def _suite(gx, expected: BatchExpectations, config: ValidationConfig, n_categori
         gxe.ExpectTableRowCountToBeBetween(min_value=config.min_rows, max_value=config.max_rows,
                                            description=f"row count within {config.min_rows}..{config.max_rows}"),
         gxe.ExpectColumnValuesToNotBeNull(column="id", description="every item has an id"),
-        gxe.ExpectColumnValuesToBeUnique(column="id", description="ids are unique within the batch"),
-        gxe.ExpectColumnValuesToBeInSet(column="id_in_database", value_set=[False],
-                                        description="ids are new to the database (no duplicates of stored items)"),
+        gxe.ExpectColumnValuesToBeNull(column="id_problem", description="ids are canonical (NFC, no leading or "
+                                                                        "trailing whitespace, no control or "
+                                                                        "zero-width characters)"),
+        gxe.ExpectColumnValuesToBeUnique(column="id_key",
+                                         description="ids are unique within the batch, also after case-folding"),
+        gxe.ExpectColumnValuesToBeNull(column="id_in_database",
+                                       description="ids are new to the database, also after case-folding "
+                                                   "(the value: the stored id it collides with)"),
         gxe.ExpectColumnValuesToBeBetween(
             column="image_nonfinite", min_value=0, max_value=0,
             description="image features are finite as float32 (no NaN, inf or |x| > 3.4e38)"),
@@ -297,7 +348,7 @@ def _run_suite(frame, n_categories: int, expected: BatchExpectations, config: Va
     suite_result = next(iter(run.run_results.values()))
     failures = [_failure(r) for r in suite_result.results if not r.success]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gx_result.json").write_text(json.dumps(suite_result.to_json_dict(), indent=2, default=str))
+    write_text(out / "gx_result.json", json.dumps(suite_result.to_json_dict(), indent=2, default=str))
     pages = sorted((docs / "validations").rglob("*.html"), key=lambda p: p.stat().st_mtime)
     return failures, len(suite_result.results), str(pages[-1]) if pages else None
 
@@ -310,7 +361,8 @@ def _failure(r) -> Failure:
     for hit in (result.get("unexpected_index_list") or [])[:_EXAMPLES]:
         if isinstance(hit, dict):
             value = hit.get(column)
-            examples.append(f"{hit.get('id')}: {value}" if column != "id" else str(hit.get("id")))
+            name = shown(hit.get("id"), 40, quoted=False)
+            examples.append(f"{name}: {value}" if column not in ("id", "id_key") else name)
     if column == "table":
         examples = [f"observed {result.get('observed_value')}"]
     description = config.description or config.type
@@ -319,9 +371,15 @@ def _failure(r) -> Failure:
     return Failure(config.type, column, description, int(result.get("unexpected_count") or 0), examples)
 
 
+def _record(result: ValidationResult) -> dict:
+    """``validation.json``: everything but the loaded batch."""
+    record = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "batch"}
+    return {**record, "failures": [asdict(f) for f in result.failures]}
+
+
 def _write(result: ValidationResult, out: Path, html: str | None) -> ValidationResult:
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "validation.json"
     final = replace(result, json_path=str(json_path), html_path=html)
-    json_path.write_text(json.dumps(asdict(final), indent=2))
+    write_text(json_path, json.dumps(_record(final), indent=2))
     return final
