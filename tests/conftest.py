@@ -150,6 +150,22 @@ def run(root: Path, **extra):
     return process_incoming(PARAMS, settings(root, **extra), return_state=True)
 
 
+def two_runs_at_once(root: Path) -> list:
+    """Two runs of the pipeline flow under ``root`` started together; their final states."""
+    states = [None, None]
+
+    def go(i):
+        states[i] = run(root)
+
+    threads = [thread_in_context(go, i) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(s.is_completed() for s in states), [s.message for s in states]
+    return states
+
+
 def snapshot(root: Path) -> dict:
     """What must not change when a run fails: served version, git head, code store, DVC status."""
     from lifelong_hashing.inference.versions import current_version

@@ -26,7 +26,7 @@ from lifelong_hashing.inference.versions import current_dir, current_version, ve
 from lifelong_hashing.operations import pipeline
 from lifelong_hashing.operations.registry import Registry, version_tag
 
-from .conftest import PARAMS, ROOT, drop, run, settings, snapshot
+from .conftest import PARAMS, ROOT, drop, run, settings, snapshot, two_runs_at_once
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
 
@@ -256,20 +256,8 @@ def test_a_disk_that_fills_while_recording_is_restored(small_disk, workspace, st
 # ---- the rest --------------------------------------------------------------------------------
 def test_two_runs_started_at_once_on_a_fresh_workspace_create_it_once(tmp_path, stage_files):
     """Creating the workspace (git init, dvc init) happens under the lock."""
-    from .conftest import thread_in_context
-
     drop(stage_files[0], tmp_path)
-    states = [None, None]
-
-    def go(i):
-        states[i] = run(tmp_path)
-
-    threads = [thread_in_context(go, i) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(s.is_completed() for s in states), [s.message for s in states]
+    two_runs_at_once(tmp_path)
     ws = Registry(tmp_path / "ws", str(tmp_path / "remote"))
     assert ws.tags() == ["model-v1"] and current_version(ws.models_dir) == "v0001"
     subprocess.run(["git", "fsck", "--strict"], cwd=ws.root, check=True, capture_output=True)

@@ -25,7 +25,7 @@ from lifelong_hashing.engine.state import new_state
 from lifelong_hashing.inference.versions import current_version
 from lifelong_hashing.operations.registry import Registry
 
-from .conftest import PARAMS, ROOT, drop, free_port, run, settings, snapshot, thread_in_context, wait_for
+from .conftest import PARAMS, ROOT, drop, free_port, run, settings, snapshot, two_runs_at_once, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
 
@@ -189,17 +189,7 @@ def test_monitoring_alert_blocks_promotion(workspace, stage_files):
 
 def test_concurrent_runs_process_a_batch_once(workspace, stage_files):
     drop(stage_files[1], workspace)
-    states = [None, None]
-
-    def go(i):
-        states[i] = run(workspace)
-
-    threads = [thread_in_context(go, i) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(s.is_completed() for s in states), [s.message for s in states]
+    states = two_runs_at_once(workspace)
     assert sorted(len(s.result()) for s in states) == [0, 1]
     ws = Registry(workspace / "ws", "")
     assert ws.tags() == ["model-v1", "model-v2"] and current_version(ws.models_dir) == "v0002"
