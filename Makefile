@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: run test test-fast browser pipeline prefect-server schedule repro rollback validate monitor compare serve \
-	bench bench-small bench-quality bench-quality-small tune docs lint clean
+	bench bench-small bench-quality bench-quality-small bench-photos tune docs lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -95,6 +95,11 @@ tune: $(STAMP)
 
 bench-quality-small: $(STAMP)
 	$(BIN)/python bench/quality.py --small
+
+# Photos in (docs/images.md): make bench-photos PHOTOS=dir/with/mirflickr25k/photos (default: the 300 in data/)
+PHOTOS ?= data/mirflickr25k/photos
+bench-photos: $(STAMP)
+	$(BIN)/python bench/photos.py --photos "$(PHOTOS)"
 
 docs: $(STAMP)  # the benchmark tables of docs/benchmarks.md and README.md, from bench/results/*.json
 	$(BIN)/python bench/report.py

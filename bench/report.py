@@ -21,7 +21,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-DOCS = (ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "methods.md", ROOT / "README.md")
+DOCS = (ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "methods.md", ROOT / "docs" / "images.md", ROOT / "README.md")
 METHODS = ("joint", "finetune", "dlch", "ccmh_gam", "orthohash")
 DATASETS = ("wikipedia", "mirflickr25k", "synthetic")
 RULES = ("labels", "encoders")  # method.database_codes
@@ -366,6 +366,46 @@ def load_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def photos_tables(r: dict) -> str:
+    """bench/photos.py: the pixel path against the shipped features (features, retrieval quality
+    per method and rule, paired by seed), the photo encoder's speed, a version folder's size."""
+    a = r["agreement"]
+    out = [f"{a['rows']:,} photos: the pixel path's features differ from the shipped ones by at most "
+           f"{a['max_abs_diff_over_scale']:.1e} of their scale (lowest cosine {a['min_cosine']:.6f}); decode + "
+           f"backbone {a['seconds_per_photo'] * 1000:.0f} ms a photo.", "",
+           "| method | rule | I→T shipped features | I→T pixel path | pixel − shipped | T→I shipped | T→I pixel "
+           "| pixel − shipped |", "|---|---|---|---|---|---|---|---|"]
+    rows = r["quality"]
+    for method in [m for m in METHODS if any(q["method"] == m for q in rows)]:
+        for rule in RULES:
+            cells = []
+            for d in DIRECTIONS:
+                score = {(q["dataset"], q["seed"]): q[d] for q in rows if (q["method"], q["rule"]) == (method, rule)}
+                seeds = sorted(s for p, s in score if p == "pixels" and ("shipped", s) in score)
+                cells += [pm(mean_sd([score[("shipped", s)] for s in seeds]), 3),
+                          pm(mean_sd([score[("pixels", s)] for s in seeds]), 3),
+                          pm(mean_sd([score[("pixels", s)] - score[("shipped", s)] for s in seeds]), 4)]
+            out.append(f"| {method} | {rule} | " + " | ".join(cells) + " |")
+    seeds = len({q["seed"] for q in rows})
+    out += ["", f"mean ± sd over {seeds} seed{'s' * (seeds > 1)}; 64 bits, 12 base labels then 4 + 4 + 4.", "",
+            "| backbone | I→T | T→I | training s |", "|---|---|---|---|"]
+    for variant, label in (("frozen", "frozen (the head on its 512 features)"),
+                           ("partial", "last fire module trained too (on fire8's maps)")):
+        group = [v for v in r["backbone_variants"] if v["variant"] == variant]
+        seconds = mean_sd([v["train_seconds"] for v in group])[0]
+        out.append(f"| {label} | {pm(mean_sd([v['i2t'] for v in group]), 3)} | "
+                   f"{pm(mean_sd([v['t2i'] for v in group]), 3)} | {seconds:.0f} |")
+    out += ["", "Lifelong OrthoHash, 20 base labels then the last 4, the same epochs and head.", "",
+            "| batch | PyTorch eager photos/s | ONNX Runtime photos/s | ORT / PyTorch |", "|---|---|---|---|"]
+    out += [f"| {s['batch']} | {s['torch_rows_per_s']:,} ({s['torch_threads']} threads) | "
+            f"{s['onnxruntime_rows_per_s']:,} ({s['onnxruntime_threads']} thread) | {s['ratio']:.2f} |"
+            for s in r["speed"]]
+    sizes = r["version_bytes"]
+    files = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in sorted(sizes.items()) if name != "total")
+    out += ["", f"A version folder with the backbone inside: {sizes['total'] / 1e6:.1f} MB ({files})."]
+    return "\n".join(out)
+
+
 def _read(name: str):
     return json.loads((RESULTS / f"{name}.json").read_text())
 
@@ -386,6 +426,7 @@ BLOCKS = {
     "serve-load": lambda: load_table(_read("serve_load")),
     "search-indexes": lambda: index_table(_read("search_speed")["indexes"]),
     "distributed": lambda: distributed_table(_read("sharded_encoding")),
+    "photos": lambda: photos_tables(_read("photos")),
     "scale-summary": lambda: scale_summary(_read("search_speed"), _read("serve_load"), _read("sharded_encoding")),
 }
 

@@ -38,7 +38,7 @@ def scan(registry: Registry, params: Params) -> pipeline.Scan:
 
 @task(name="validate", **STEP)  # no retries: the same bytes get the same verdict
 def validate(registry: Registry, arrival: pipeline.Arrival, params: Params):
-    return pipeline.validate(registry, arrival, params.validation)
+    return pipeline.validate(registry, arrival, params)
 
 
 @task(name="quarantine", retries=2, retry_delay_seconds=2, **STEP)

@@ -13,5 +13,6 @@ from lifelong_hashing.config import load_params
 from lifelong_hashing.inference.service import create_app, guarded_protocol
 
 _params = load_params(os.environ.get("LHASH_PARAMS", "params.yaml"))
-app = create_app(os.environ.get("LHASH_MODELS_DIR", _params.export.models_dir), _params.serving)
+app = create_app(os.environ.get("LHASH_MODELS_DIR", _params.export.models_dir), _params.serving,
+                 photos=_params.photos)
 http = guarded_protocol(_params.serving)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -81,6 +83,41 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_service(wiki: dict, models: Path, name: str, serving: dict | None = None, env: dict | None = None):
+    """``lhash serve`` of ``models`` in its own process on a free loopback port, with the params
+    of ``wiki`` ({"params", "root"}) and ``serving`` overrides; yields (url, process). Its log
+    goes to a file (a full pipe would stall it)."""
+    import httpx
+    import yaml
+
+    port = free_port()
+    params = wiki["params"].model_copy(update={"serving": wiki["params"].serving.model_copy(update=serving or {})})
+    params_file = wiki["root"] / f"params-{name}.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump()))
+    command = [sys.executable, "-m", "lifelong_hashing.cli", "--params", str(params_file), "serve",
+               "--models", str(models), "--port", str(port)]
+    log_path = wiki["root"] / f"serve-{name}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                httpx.get(url + "/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            proc.kill()
+            pytest.fail("service did not start: " + log_path.read_text())
+        try:
+            yield url, proc
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
 
 
 def wait_for(check, timeout: float, what: str, procs=()):
@@ -164,6 +201,37 @@ def two_runs_at_once(root: Path) -> list:
         t.join()
     assert all(s.is_completed() for s in states), [s.message for s in states]
     return states
+
+
+def healthy(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextlib.contextmanager
+def serving_pipeline(root: Path, **extra):
+    """``lhash serve`` of the models of the pipeline under ``root`` (its params: ``settings``),
+    in its own process on a free loopback port, once healthy; yields its URL."""
+    from lifelong_hashing.operations.registry import Registry
+
+    models = Registry(root / "ws", str(root / "remote")).models_dir
+    port = free_port()
+    argv = [f"-S{k}={json.dumps(v)}" for k, v in settings(root, **extra).items()]
+    with open(root / "serve.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "lifelong_hashing.cli", "--params", PARAMS, *argv, "serve",
+                                 "--models", str(models), "--port", str(port)], stdout=log,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: healthy(url), 90, "lhash serve", [proc])
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def snapshot(root: Path) -> dict:

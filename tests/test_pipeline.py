@@ -25,7 +25,7 @@ from lifelong_hashing.engine.state import new_state
 from lifelong_hashing.inference.versions import current_version
 from lifelong_hashing.operations.registry import Registry
 
-from .conftest import PARAMS, ROOT, drop, free_port, run, settings, snapshot, two_runs_at_once, wait_for
+from .conftest import PARAMS, ROOT, drop, run, serving_pipeline, settings, snapshot, two_runs_at_once
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
 
@@ -346,30 +346,10 @@ def test_unlabelled_items_are_appended_with_encoder_codes_and_found_by_the_servi
     for modality, codes in method.encoder_codes(unlabelled).items():  # each modality's own encoder
         np.testing.assert_array_equal(served.codes[modality][rows], codes)
 
-    port = free_port()
-    argv = [f"-S{k}={json.dumps(v)}" for k, v in settings(workspace).items()]
-    with open(tmp_path / "serve.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "lifelong_hashing.cli", "--params", PARAMS, *argv, "serve",
-                                 "--models", str(ws.models_dir), "--port", str(port)], stdout=log,
-                                stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _healthy(url), 90, "lhash serve", [proc])
+    with serving_pipeline(workspace) as url:
         reply = httpx.post(url + "/search", json={"modality": "text", "target": "text", "k": 1000, "radius": 0,
                                                   "features": later.text[:5].tolist()}, timeout=60)
         assert reply.status_code == 200, reply.text
         for item, result in zip(unlabelled.ids[:5], reply.json()["results"], strict=True):
             hit = next(h for h in result["text"] if h["id"] == item)
             assert hit["distance"] == 0 and hit["labels"] == []
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
-def _healthy(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(url + "/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False

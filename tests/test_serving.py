@@ -1,5 +1,6 @@
 """Export and the retrieval service, on a real Wikipedia model behind a real uvicorn on loopback."""
 
+import base64
 import contextlib
 import itertools
 import json
@@ -39,7 +40,7 @@ from lifelong_hashing.inference.onnx_runtime import new_session
 from lifelong_hashing.inference.retrieval import QueryError, RetrievalModel
 from lifelong_hashing.inference.versions import VersionError, current_version, list_versions, promote
 
-from .conftest import ROOT
+from .conftest import ROOT, free_port, running_service
 
 pytestmark = pytest.mark.integration
 
@@ -63,43 +64,6 @@ def wiki(tmp_path_factory):
     promote(root / "models", version.name)
     return {"root": root, "params": params, "state": state, "models": root / "models", "version": version,
             "data": load_dataset(params.dataset)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_service(wiki, models: Path, name: str, serving: dict | None = None, env: dict | None = None):
-    """``lhash serve`` in its own process on a free loopback port, with ``serving`` overrides;
-    yields (url, process). Its log goes to a file (a full pipe would stall it)."""
-    port = _free_port()
-    params = wiki["params"].model_copy(update={"serving": wiki["params"].serving.model_copy(update=serving or {})})
-    params_file = wiki["root"] / f"params-{name}.yaml"
-    params_file.write_text(yaml.safe_dump(params.model_dump()))
-    command = [sys.executable, "-m", "lifelong_hashing.cli", "--params", str(params_file), "serve",
-               "--models", str(models), "--port", str(port)]
-    log_path = wiki["root"] / f"serve-{name}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                httpx.get(url + "/health", timeout=2)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        else:
-            proc.kill()
-            pytest.fail("service did not start: " + log_path.read_text())
-        try:
-            yield url, proc
-        finally:
-            proc.terminate()
-            proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +99,7 @@ def test_int8_copies_are_kept_only_when_they_agree_with_fp32(wiki, tmp_path):
 
 
 def test_export_that_fails_parity_is_an_error_and_leaves_no_version(wiki, monkeypatch, tmp_path):
-    def disagreeing(method, modality, path):
+    def disagreeing(method, modality, path, photos=()):
         return export_module.Parity(0.5, 0.97, 256)
 
     monkeypatch.setattr(export_module, "check_parity", disagreeing)
@@ -234,7 +198,9 @@ def test_version_and_health_tell_the_truth(wiki, server):
     ({"modality": "image", "features": [[0.1] * 128], "k": 0}, 422, "body.k: Input should be greater than or equal"),
     ({"modality": "image", "features": [[0.1] * 128], "k": 5000}, 422, "less than or equal to 1000"),
     ({"modality": "audio", "features": [[0.1] * 128]}, 422, "body.modality"),
-    ({"modality": "image"}, 422, "send exactly one of 'features' or 'words'"),
+    ({"modality": "image"}, 422, "send exactly one of 'features', 'words' or a photo"),
+    ({"modality": "image", "images": [base64.b64encode(b"\xff\xd8\xff" + b"0" * 50).decode()]}, 422,
+     "this version's image encoder takes feature vectors"),
     ({"modality": "text", "features": [[0.1] * 1000], "words": [["war"]]}, 422, "send exactly one of"),
     ({"modality": "text", "words": [["war"]]}, 422, "no text vocabulary"),
     ({"modality": "image", "features": [[0.1] * 128], "radius": 99}, 422, "radius must be within 0..64"),
@@ -467,7 +433,7 @@ def test_uvicorn_is_the_pinned_version_and_its_cli_runs_the_guard(wiki):
     assert pin.specifier.contains(importlib.metadata.version("uvicorn"))
     env = {**os.environ, "LHASH_MODELS_DIR": str(wiki["models"]), "LHASH_PARAMS": str(wiki["root"] / "params.yaml")}
     for guarded in (True, False):
-        port = _free_port()
+        port = free_port()
         command = [sys.executable, "-m", "uvicorn", "serving.app:app", "--port", str(port),
                    *(["--http", "serving.app:http"] if guarded else [])]
         log_path = wiki["root"] / f"uvicorn-{guarded}.log"

@@ -19,6 +19,7 @@ from lifelong_hashing.engine.stages import StagePlanError
 def _user_errors() -> tuple[type[Exception], ...]:
     """The error types that mean "bad input"; imported only now so that ``--help`` loads
     neither PyTorch nor ONNX."""
+    from lifelong_hashing.engine.backbone import BackboneError
     from lifelong_hashing.engine.methods import MethodError
     from lifelong_hashing.engine.state import StateError
     from lifelong_hashing.inference.export import ExportError
@@ -26,8 +27,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from lifelong_hashing.inference.versions import VersionError
     from lifelong_hashing.operations.registry import RegistryError
 
-    return (BatchError, CodeStoreError, ConfigError, MethodError, StagePlanError, StateError, ExportError,
-            ModelLoadError, QueryError, VersionError, RegistryError)
+    return (BackboneError, BatchError, CodeStoreError, ConfigError, MethodError, StagePlanError, StateError,
+            ExportError, ModelLoadError, QueryError, VersionError, RegistryError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,13 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--url", help="a running service, e.g. http://127.0.0.1:8000")
     where.add_argument("--models", help="a models folder (its promoted version, through ONNX Runtime)")
     where.add_argument("--state", help="a training state folder (through PyTorch)")
-    find.add_argument("--modality", choices=["image", "text"], required=True, help="the query's modality")
+    find.add_argument("--modality", choices=["image", "text"], help="the query's modality (photos: image)")
     what = find.add_mutually_exclusive_group(required=True)
     what.add_argument("--features-file", help=".npy or .json file with one feature row per query")
     what.add_argument("--words", nargs="+", help="a text query as words (models with a text vocabulary)")
+    what.add_argument("--image", nargs="+", metavar="PHOTO",
+                      help="JPEG or PNG photos, one query each (models whose image encoder takes photos)")
     find.add_argument("--k", type=int, default=10)
     find.add_argument("--radius", type=int)
     args = parser.parse_args(argv)
+    if args.command == "search":
+        if args.image and args.modality == "text":
+            parser.error("--image queries are of the image modality")
+        args.modality = args.modality or ("image" if args.image else None)
+        if args.modality is None:
+            parser.error("search needs --modality (image or text)")
     if not sys.stderr.isatty():  # a log file or a pipe gets a line per stage; a terminal gets progress bars
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -123,9 +132,11 @@ def _data_command(args, params) -> int:
     from lifelong_hashing.engine.state import load_state
 
     if args.command == "validate":
+        from lifelong_hashing.engine.images import PhotoReader
         from lifelong_hashing.operations.validation import BatchExpectations, validate_batch
 
-        expected = BatchExpectations.from_state(load_state(args.state)) if args.state else BatchExpectations.none()
+        expected = (BatchExpectations.from_state(load_state(args.state)) if args.state
+                    else BatchExpectations.none(PhotoReader.from_params(params)))
         result = validate_batch(args.batch, expected, params.validation, args.out)
         print(result.summary())
         return 0 if result.accepted else 1
@@ -169,7 +180,7 @@ def _production_command(args, params) -> int:
         from lifelong_hashing.inference.service import create_app, run_server
 
         cfg = params.serving
-        run_server(create_app(models, cfg), cfg, args.host or cfg.host, args.port or cfg.port)
+        run_server(create_app(models, cfg, photos=params.photos), cfg, args.host or cfg.host, args.port or cfg.port)
     else:
         _search(args, params)
     return 0
@@ -186,13 +197,18 @@ def _search(args, params) -> None:
         except (OSError, ValueError) as err:
             raise QueryError(f"{path}: cannot read query features: {err}") from err
     words = [args.words] if args.words else None
+    photos = _read_photos(args.image) if args.image else None
     if args.url:
         import httpx
 
         body = {"modality": args.modality, "k": args.k, "radius": args.radius,
                 "features": None if features is None else np.atleast_2d(features).tolist(), "words": words}
         try:
-            reply = httpx.post(args.url.rstrip("/") + "/search", json=body, timeout=60)
+            if photos is None:
+                reply = httpx.post(args.url.rstrip("/") + "/search", json=body, timeout=60)
+            else:
+                form = {k: str(v) for k, v in body.items() if k in ("modality", "k", "radius") and v is not None}
+                reply = httpx.post(args.url.rstrip("/") + "/search", data=form, files=photos, timeout=60)
         except httpx.HTTPError as err:
             raise QueryError(f"{args.url}: {err}") from err
         if reply.status_code != 200:
@@ -207,8 +223,11 @@ def _search(args, params) -> None:
             from lifelong_hashing.inference.retrieval import RetrievalModel
             from lifelong_hashing.inference.versions import current_dir
 
-            model = RetrievalModel(current_dir(args.models))
-            x = model.features(args.modality, features, words)
+            model = RetrievalModel(current_dir(args.models), photo_limits=params.photos)
+            if photos is None:
+                x = model.features(args.modality, features, words)
+            else:
+                x = model.photos(args.modality, [data for _, (_, data, _) in photos])
             other = "text" if args.modality == "image" else "image"
             results = model.search(args.modality, x, args.k, args.radius, (other,))
     for q, result in enumerate(results):
@@ -218,11 +237,30 @@ def _search(args, params) -> None:
                 print(f"  {rank:3d}  {h['id']}  distance {h['distance']}  stage {h['stage']}  {','.join(h['labels'])}")
 
 
+def _read_photos(paths: list[str]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """Photo files as multipart parts (field, (name, bytes, type)); an unreadable one or one that
+    is not a JPEG or PNG is a QueryError naming it."""
+    from lifelong_hashing.engine.images import PhotoError, photo_format
+    from lifelong_hashing.inference.retrieval import QueryError
+    from lifelong_hashing.inference.uploads import FILE_FIELD
+
+    parts = []
+    for name in paths:
+        try:
+            data = Path(name).read_bytes()
+            kind = photo_format(data)
+        except (OSError, PhotoError) as err:
+            raise QueryError(f"{name}: {err}") from err
+        parts.append((FILE_FIELD, (Path(name).name, data, f"image/{kind.lower()}")))
+    return parts
+
+
 def _search_state(state, args, features) -> list[dict]:
     from lifelong_hashing.inference.retrieval import QueryError, as_hits
 
     if features is None:
-        raise QueryError("a state folder answers feature queries only (--features-file)")
+        raise QueryError("a state folder answers feature queries only (--features-file); photos and words "
+                         "go to --models or --url")
     x = np.atleast_2d(np.asarray(features, np.float32))
     other = "text" if args.modality == "image" else "image"
     codes = state.method.encode(args.modality, x)

@@ -82,6 +82,10 @@ class ModelConfig(_Strict):
     hidden: list[int] = Field(default_factory=lambda: [1024, 512])
     dropout: float = Field(0.1, ge=0, lt=1)
     image_encoder: Literal["mlp", "cnn"] = "mlp"
+    # ``squeezenet1_1``: images arrive as photos (docs/images.md), read by the frozen pretrained
+    # backbone into its features; the image encoder learns on them and is exported with the
+    # backbone inside, taking uint8 pixels. ``none``: images arrive as feature vectors.
+    image_backbone: Literal["none", "squeezenet1_1"] = "none"
 
     @model_validator(mode="after")
     def _bits_multiple_of_8(self):
@@ -196,6 +200,15 @@ class ServingConfig(_Strict):
     index: IndexConfig = IndexConfig()
 
 
+class PhotoLimitsConfig(_Strict):
+    """What one photo may cost, checked from its size and header before it is decoded
+    (``images.decode_photo``): batches, ``lhash search --image`` and the service alike."""
+
+    max_file_bytes: int = Field(20_000_000, gt=0)
+    max_pixels: int = Field(50_000_000, gt=0)  # declared width × height; decoding takes 3 bytes a pixel
+    max_side: int = Field(20_000, gt=0)
+
+
 class ValidationConfig(_Strict):
     """Bounds an incoming batch must meet (``lhash validate``); ranges come from the reference data."""
 
@@ -279,6 +292,7 @@ class Params(_Strict):
     export: ExportConfig = ExportConfig()
     serving: ServingConfig = ServingConfig()
     validation: ValidationConfig = ValidationConfig()
+    photos: PhotoLimitsConfig = PhotoLimitsConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
     pipeline: PipelineConfig = PipelineConfig()
 

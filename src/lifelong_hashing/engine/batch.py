@@ -26,6 +26,9 @@ from lifelong_hashing.files import write_npz
 
 FIELDS = ("ids", "image", "text", "labels", "categories")
 OPTIONAL_FIELDS = ("new_categories", "labelled")
+# Photos in place of ``image`` (images.py reads them): encoded JPEG/PNG files, concatenated, and
+# the offsets that cut them apart (docs/data.md, "Photos").
+PHOTO_FIELDS = ("image_files", "image_file_offsets")
 
 
 def shown(text: str, limit: int = 60, quoted: bool = True) -> str:
@@ -339,6 +342,23 @@ def batch_from_arrays(arrays: dict[str, np.ndarray], source: str) -> Batch:
                       labelled=arrays.get("labelled"))
 
 
-def load_batch(path: str | os.PathLike, max_rows: int | None = None, max_bytes: int | None = None) -> Batch:
-    """Read and validate a batch file; any defect raises ``BatchError`` naming the file."""
-    return batch_from_arrays(read_npz(path, list(FIELDS), OPTIONAL_FIELDS, max_rows, max_bytes), str(path))
+def read_batch_arrays(path: str | os.PathLike, max_rows: int | None = None, max_bytes: int | None = None,
+                      max_categories: int | None = None) -> dict[str, np.ndarray]:
+    """A batch file's arrays, raw: image features, pixels or photo files, the rest as stored."""
+    required = [k for k in FIELDS if k != "image"]
+    arrays = read_npz(path, required, ("image", *PHOTO_FIELDS, *OPTIONAL_FIELDS), max_rows, max_bytes,
+                      max_categories)
+    if "image" not in arrays and PHOTO_FIELDS[0] not in arrays:
+        raise BatchError(str(path), "image", "missing from file: a batch carries image features or pixels "
+                                             f"('image') or photo files ('{PHOTO_FIELDS[0]}')")
+    return arrays
+
+
+def load_batch(path: str | os.PathLike, max_rows: int | None = None, max_bytes: int | None = None,
+               photos=None) -> Batch:
+    """Read and validate a batch file; any defect raises ``BatchError`` naming the file. Photos
+    become features through ``photos`` (an ``images.PhotoReader``; None: the model takes features)."""
+    from lifelong_hashing.engine.images import read_batch_photos
+
+    arrays, _ = read_batch_photos(read_batch_arrays(path, max_rows, max_bytes), photos, str(path))
+    return batch_from_arrays(arrays, str(path))

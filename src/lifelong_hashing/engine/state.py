@@ -1,6 +1,7 @@
 """Everything that carries over between stages, in one directory, so a stage can run in a fresh
 process: method weights and memory (``model/``), the code store (``codes.npz``), the reference
-profile of the data trained on (``reference.npz``) and the run's history (``state.json``: params,
+profile of the data trained on (``reference.npz``), for a photo model a few of its latest photos
+(``photos.npz``, what the export checks ONNX parity on) and the run's history (``state.json``: params,
 categories, the text vocabulary, per-stage results and mAP rows).
 
 Saving is atomic: the new state is written beside the old one and swapped in with renames, so
@@ -23,6 +24,7 @@ from lifelong_hashing import __version__
 from lifelong_hashing.config import Params
 from lifelong_hashing.engine.codestore import CodeStore
 from lifelong_hashing.engine.datasets import text_vocabulary
+from lifelong_hashing.engine.images import load_photos, save_photos
 from lifelong_hashing.engine.methods import Method, create_method
 from lifelong_hashing.engine.reference import ReferenceProfile
 from lifelong_hashing.files import write_json
@@ -41,6 +43,7 @@ class RunState:
     reference: ReferenceProfile = field(default_factory=ReferenceProfile)
     timings: list[dict] = field(default_factory=list)  # seconds per trained stage (not part of the state)
     text_vocabulary: dict | None = None  # words and idf of the text columns, read once at stage 0
+    photos: tuple[bytes, ...] = ()  # photo models: a few encoded photos of the latest batch (export parity)
 
     @property
     def stage(self) -> int:
@@ -81,6 +84,8 @@ def save_state(state: RunState, directory: str | Path) -> Path:
         state.method.save(tmp / "model")
         state.store.save(tmp / "codes.npz")
         state.reference.save(tmp / "reference.npz")
+        if state.photos:
+            save_photos(tmp / "photos.npz", state.photos)
         write_json(tmp / "state.json", {
             "project_version": __version__, "method": state.method.name, "stage": state.stage,
             "categories": list(state.method.categories), "bits": state.params.model.bits,
@@ -141,4 +146,5 @@ def load_state(directory: str | Path) -> RunState:
         raise StateError(f"{directory}: code store and model disagree on the vocabulary")
     timings = timings_path(directory)
     return RunState(params, method, store, record["history"], ReferenceProfile.load(directory / "reference.npz"),
-                    json.loads(timings.read_text()) if timings.exists() else [], record.get("text_vocabulary"))
+                    json.loads(timings.read_text()) if timings.exists() else [], record.get("text_vocabulary"),
+                    load_photos(directory / "photos.npz"))

@@ -4,6 +4,9 @@ and ``publish``: the encoders and the code store as the next model version (``ve
 Each encoder becomes one self-contained ONNX file (no external data) that takes raw features
 (input normalization is inside), has a dynamic batch axis, and returns the continuous code and
 its sign bits packed little-endian into K/8 bytes, the byte layout of ``codestore.pack_codes``.
+A photo model's image encoder takes ``pixels`` instead, uint8 (n, 227, 227, 3) RGB as
+``images.decode_photo`` makes them, with the frozen backbone inside the same graph; its parity
+is checked on the state's real photos (``RunState.photos``) and their mirror images.
 """
 
 from __future__ import annotations
@@ -52,6 +55,31 @@ class _PackedEncoder(nn.Module):
         return code, (signs * self.powers).sum(dim=-1).to(torch.uint8)
 
 
+class _PhotoEncoder(nn.Module):
+    """pixels → backbone features → the trained image encoder: one graph from photo to code."""
+
+    def __init__(self, backbone: nn.Module, encoder: nn.Module):
+        super().__init__()
+        self.backbone, self.encoder = backbone, encoder
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.backbone(pixels))
+
+
+def photo_backbone(method: Method, modality: str):
+    """The backbone in front of ``modality``'s encoder, or None when it takes features."""
+    name = method.params.model.image_backbone
+    if modality != "image" or name == "none":
+        return None
+    from lifelong_hashing.engine.backbone import shared_backbone
+
+    return shared_backbone(name)
+
+
+def input_name(method: Method, modality: str) -> str:
+    return "features" if photo_backbone(method, modality) is None else "pixels"
+
+
 def vocabulary_hash(categories) -> str:
     return hashlib.sha256("\n".join(categories).encode()).hexdigest()[:16]
 
@@ -66,9 +94,14 @@ class Parity:
         return {"max_abs_diff": self.max_abs_diff, "bit_agreement": self.bit_agreement, "rows": self.rows}
 
 
-def parity_inputs(method: Method, modality: str, rows: int = 256, seed: int = 0) -> np.ndarray:
+def parity_inputs(method: Method, modality: str, rows: int = 256, seed: int = 0,
+                  photos: tuple[bytes, ...] = ()) -> np.ndarray:
     """Inputs for the parity check: the memory's real exemplars when the method keeps some, topped
-    up with draws from the encoder's own input statistics (|mean + std·noise|, like features)."""
+    up with draws from the encoder's own input statistics (|mean + std·noise|, like features).
+    A photo encoder's: the real photos and their mirror images, or noise pixels without any."""
+    backbone = photo_backbone(method, modality)
+    if backbone is not None:
+        return _parity_pixels(backbone.spec.input_size, photos, rows, seed)
     net = method.nets()[modality]
     shape = method.image_shape if modality == "image" else (method.text_dim,)
     mean, std = net.mean.cpu().numpy(), net.std.cpu().numpy()
@@ -80,18 +113,42 @@ def parity_inputs(method: Method, modality: str, rows: int = 256, seed: int = 0)
     return np.concatenate([real, drawn[: rows - len(real)]])
 
 
-def export_encoder(method: Method, modality: str, path: Path, metadata: dict[str, str]) -> None:
+def _parity_pixels(size: int, photos: tuple[bytes, ...], rows: int, seed: int) -> np.ndarray:
+    from lifelong_hashing.config import PhotoLimitsConfig
+    from lifelong_hashing.engine.images import decode_photo
+
+    if not photos:
+        return np.random.default_rng(seed).integers(0, 256, (min(rows, 32), size, size, 3), dtype=np.uint8)
+    real = np.stack([decode_photo(p, size, PhotoLimitsConfig()) for p in photos])
+    return np.concatenate([real, real[:, :, ::-1]])[:rows]
+
+
+def reference_codes(method: Method, modality: str, x: np.ndarray) -> np.ndarray:
+    """What PyTorch gives for the ONNX graph's input: a photo through the backbone first."""
+    backbone = photo_backbone(method, modality)
+    if backbone is not None:
+        from lifelong_hashing.engine.backbone import photo_features
+
+        x = photo_features(backbone, x)
+    return method.continuous(modality, x)
+
+
+def export_encoder(method: Method, modality: str, path: Path, metadata: dict[str, str],
+                   photos: tuple[bytes, ...] = ()) -> None:
     """Write one encoder to ``path`` (dynamo exporter, one file, dynamic batch)."""
     net = method.nets()[modality]
     net.eval()
-    wrapper = _PackedEncoder(net, method.bits).cpu().eval()
-    example = torch.as_tensor(parity_inputs(method, modality, rows=4))
+    backbone = photo_backbone(method, modality)
+    body = net.cpu() if backbone is None else _PhotoEncoder(backbone, net.cpu())
+    wrapper = _PackedEncoder(body, method.bits).cpu().eval()
+    example = torch.as_tensor(parity_inputs(method, modality, rows=4, photos=photos))
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     import onnx
 
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapper, (example,), input_names=["features"], output_names=["code", "bits"],
+        program = torch.onnx.export(wrapper, (example,), input_names=[input_name(method, modality)],
+                                    output_names=["code", "bits"],
                                     dynamic_shapes={"x": {0: batch}}, opset_version=OPSET, dynamo=True,
                                     external_data=False, verbose=False)
     model = program.model_proto
@@ -127,21 +184,22 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def check_parity(method: Method, modality: str, onnx_path: Path) -> Parity:
+def check_parity(method: Method, modality: str, onnx_path: Path, photos: tuple[bytes, ...] = ()) -> Parity:
     """ONNX Runtime against PyTorch on the same inputs: max |Δcode| and share of equal bits."""
     from lifelong_hashing.inference.onnx_runtime import new_session
 
-    x = parity_inputs(method, modality)
-    reference = method.continuous(modality, x)
+    x = parity_inputs(method, modality, photos=photos)
+    reference = reference_codes(method, modality, x)
     session = new_session(onnx_path)
-    code, bits = session.run(None, {"features": x})
+    code, bits = session.run(None, {input_name(method, modality): x})
     if not np.array_equal(words_from_bytes(bits), pack_codes(code)):
         raise ExportError(f"{onnx_path.name}: packed bits output disagrees with the code output")
     agreement = float((np.sign(code) == np.sign(reference)).mean())
     return Parity(float(np.abs(code - reference).max()), agreement, len(x))
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, method: Method, modality: str) -> float:
+def quantize_int8(fp32_path: Path, int8_path: Path, method: Method, modality: str,
+                  photos: tuple[bytes, ...] = ()) -> float:
     """Dynamic int8 quantization; returns the share of sign bits that agree with fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -153,32 +211,47 @@ def quantize_int8(fp32_path: Path, int8_path: Path, method: Method, modality: st
         quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
     finally:
         root.setLevel(level)
-    x = parity_inputs(method, modality)
-    fp32 = new_session(fp32_path).run(["code"], {"features": x})[0]
-    int8 = new_session(int8_path).run(["code"], {"features": x})[0]
+    x = {input_name(method, modality): parity_inputs(method, modality, photos=photos)}
+    fp32 = new_session(fp32_path).run(["code"], x)[0]
+    int8 = new_session(int8_path).run(["code"], x)[0]
     return float((np.sign(fp32) == np.sign(int8)).mean())
 
 
-def export_method(method: Method, out_dir: Path, *, model_version: str, int8_min_agreement: float | None) -> dict:
+def encoder_input(method: Method, modality: str) -> dict:
+    """The manifest's account of what an encoder takes: ``features`` (float32, shape) or
+    ``pixels`` (uint8 height × width × 3 RGB, read by the named backbone)."""
+    backbone = photo_backbone(method, modality)
+    if backbone is None:
+        shape = method.image_shape if modality == "image" else (method.text_dim,)
+        return {"input": "features", "input_shape": list(shape)}
+    size = backbone.spec.input_size
+    return {"input": "pixels", "input_shape": [size, size, 3], "backbone": backbone.spec.name,
+            "backbone_sha256": backbone.spec.converted_sha256}
+
+
+def export_method(method: Method, out_dir: Path, *, model_version: str, int8_min_agreement: float | None,
+                  photos: tuple[bytes, ...] = ()) -> dict:
     """Export both encoders with parity (an error below 100 % bit agreement) and, if asked, int8
-    copies that are kept only when their bit agreement reaches ``int8_min_agreement``."""
+    copies that are kept only when their bit agreement reaches ``int8_min_agreement``. ``photos``:
+    real photos to check a photo encoder's parity on."""
     metadata = {"project_version": __version__, "model_version": model_version, "bits": method.bits,
                 "vocabulary_hash": vocabulary_hash(method.categories), "opset": OPSET}
     report: dict = {"opset": OPSET, "encoders": {}}
     for modality in MODALITIES:
-        shape = method.image_shape if modality == "image" else (method.text_dim,)
+        entry = encoder_input(method, modality)
+        shape = entry["input_shape"]
         path = out_dir / f"{modality}.onnx"
-        export_encoder(method, modality, path, {**metadata, "modality": modality,
-                                                "input_dim": "x".join(map(str, shape))})
-        parity = check_parity(method, modality, path)
+        export_encoder(method, modality, path, {**metadata, "modality": modality, "input": entry["input"],
+                                                "input_dim": "x".join(map(str, shape))}, photos)
+        parity = check_parity(method, modality, path, photos)
         if parity.bit_agreement < 1.0:
             path.unlink()
             raise ExportError(f"{modality} encoder: ONNX sign bits agree on {parity.bit_agreement:.4%} of "
                               f"{parity.rows} rows, not 100 % (max |diff| {parity.max_abs_diff:.3g})")
-        entry = {"file": path.name, "input_shape": list(shape), "parity": parity.as_dict()}
+        entry.update(file=path.name, parity=parity.as_dict())
         if int8_min_agreement is not None:
             int8_path = out_dir / f"{modality}.int8.onnx"
-            agreement = quantize_int8(path, int8_path, method, modality)
+            agreement = quantize_int8(path, int8_path, method, modality, photos)
             used = agreement >= int8_min_agreement
             if not used:
                 int8_path.unlink()
@@ -200,7 +273,8 @@ def publish(state: RunState, models_dir: str | Path, cfg: ExportConfig, number: 
         raise VersionError(f"{root / name} already exists")
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.tmp-"))
     try:
-        report = export_method(state.method, tmp, model_version=name, int8_min_agreement=cfg.int8_min_agreement)
+        report = export_method(state.method, tmp, model_version=name, int8_min_agreement=cfg.int8_min_agreement,
+                               photos=state.photos)
         state.store.save(tmp / "codes.npz")
         if index is not None and index.kind != "flat":
             report["index"] = build_indexes(state.store, index, tmp)

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from lifelong_hashing.config import PhotoLimitsConfig
 from lifelong_hashing.engine.batch import shown
 from lifelong_hashing.engine.codestore import MODALITIES, CodeStore, CodeStoreError, words_from_bytes
+from lifelong_hashing.engine.images import PhotoError, decode_photo
 from lifelong_hashing.inference.indexes import load_indexes, search_index
 from lifelong_hashing.inference.onnx_runtime import execution_providers, new_session
 
@@ -60,10 +62,14 @@ class TextVocabulary:
 
 class RetrievalModel:
     """One exported version, loaded for queries. ``encoder_threads``: ONNX Runtime threads per
-    encoder run (0: one per core; the service runs one and serves requests side by side)."""
+    encoder run (0: one per core; the service runs one and serves requests side by side).
+    ``photo_limits``: what a photo query may cost (params ``photos``), for a version whose image
+    encoder takes photos."""
 
-    def __init__(self, version_dir: str | Path, encoder_threads: int = 0):
+    def __init__(self, version_dir: str | Path, encoder_threads: int = 0,
+                 photo_limits: PhotoLimitsConfig | None = None):
         self.path = Path(version_dir)
+        self.photo_limits = photo_limits or PhotoLimitsConfig()
         try:
             self.manifest = json.loads((self.path / "manifest.json").read_text())
             self.store = CodeStore.load(self.path / "codes.npz")
@@ -71,6 +77,7 @@ class RetrievalModel:
             self.sessions = {m: new_session(self.path / encoders[m].get("int8", {}).get("file", encoders[m]["file"]),
                                             encoder_threads) for m in MODALITIES}
             self.input_shapes = {m: tuple(encoders[m]["input_shape"]) for m in MODALITIES}
+            self.inputs = {m: encoders[m].get("input", "features") for m in MODALITIES}
             self.indexes = load_indexes(self.path, self.manifest["index"]) if "index" in self.manifest else None
         except (OSError, KeyError, ValueError, CodeStoreError) as err:
             raise ModelLoadError(f"{self.path}: cannot load model version: {err}") from err
@@ -98,7 +105,8 @@ class RetrievalModel:
         load, not at query (and the first query does not pay for compiling the search kernel)."""
         for m in MODALITIES:
             try:
-                codes = self.encode(m, np.zeros((1, *self.input_shapes[m]), np.float32))
+                dtype = np.uint8 if self.inputs[m] == "pixels" else np.float32
+                codes = self.encode(m, np.zeros((1, *self.input_shapes[m]), dtype))
                 if len(self.store):
                     self.top_k(codes, m, 1, None)
             except Exception as err:  # noqa: BLE001 - any failure here means the version is unusable
@@ -108,6 +116,7 @@ class RetrievalModel:
         return {"model_version": self.version, "method": self.manifest["method"], "bits": self.bits,
                 "categories": list(self.store.categories), "database_size": len(self.store),
                 "stage": self.manifest["stage"], "input_shapes": {m: list(s) for m, s in self.input_shapes.items()},
+                "inputs": dict(self.inputs),
                 "text_vocabulary": self.vocabulary is not None, "providers": list(execution_providers()),
                 "index": self.manifest.get("index", {"kind": "flat"})}
 
@@ -116,7 +125,10 @@ class RetrievalModel:
         if modality not in MODALITIES:
             raise QueryError(f"unknown modality {modality!r}; expected 'image' or 'text'")
         if (features is None) == (words is None):
-            raise QueryError("send exactly one of 'features' or 'words'")
+            raise QueryError("send exactly one of 'features', 'words' or a photo")
+        if self.inputs[modality] == "pixels":
+            raise QueryError(f"this version's {modality} encoder takes photos, not feature vectors: send a JPEG "
+                             "or PNG (a multipart file part or base64 'images')")
         if words is not None:
             if modality != "text":
                 raise QueryError("'words' queries are for the text modality only")
@@ -144,9 +156,28 @@ class RetrievalModel:
                              "(or values beyond float32)")
         return x
 
+    def photos(self, modality: str, files: list[bytes]) -> np.ndarray:
+        """Encoded photos → the pixels this version's image encoder takes, or a QueryError naming
+        the photo and what is wrong with it."""
+        if modality != "image":
+            raise QueryError("photos are queries of the image modality")
+        if self.inputs["image"] != "pixels":
+            raise QueryError("this version's image encoder takes feature vectors (a model trained with "
+                             "model.image_backbone: none): send 'features'")
+        if not files:
+            raise QueryError("empty query: no photos")
+        size = self.input_shapes["image"][0]
+        pixels = np.empty((len(files), *self.input_shapes["image"]), np.uint8)
+        for i, data in enumerate(files):
+            try:
+                pixels[i] = decode_photo(data, size, self.photo_limits)
+            except PhotoError as err:
+                raise QueryError(f"photo {i}: {err}") from err
+        return pixels
+
     def encode(self, modality: str, x: np.ndarray) -> np.ndarray:
-        """Validated features → packed uint64 codes."""
-        return words_from_bytes(self.sessions[modality].run(["bits"], {"features": x})[0])
+        """Validated features (or pixels) → packed uint64 codes."""
+        return words_from_bytes(self.sessions[modality].run(["bits"], {self.inputs[modality]: x})[0])
 
     def search(self, modality: str, x: np.ndarray, k: int, radius: int | None,
                targets: tuple[str, ...]) -> list[dict[str, list[dict]]]:

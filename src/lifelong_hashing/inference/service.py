@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -34,9 +35,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from lifelong_hashing import __version__
-from lifelong_hashing.config import ServingConfig
+from lifelong_hashing.config import PhotoLimitsConfig, ServingConfig
 from lifelong_hashing.inference.batching import QueryBatcher
 from lifelong_hashing.inference.retrieval import ModelLoadError, QueryError, RetrievalModel
+from lifelong_hashing.inference.uploads import (
+    UnsupportedMedia,
+    base64_photos,
+    body_kind,
+    multipart_query,
+    multipart_schema,
+)
 from lifelong_hashing.inference.versions import VersionError, current_version, list_versions, versions_dir
 
 log = logging.getLogger("lifelong_hashing.inference.service")
@@ -49,8 +57,8 @@ class ModelHolder:
     with nothing served yet, a refused ``CURRENT`` falls back to the newest version that loads
     (``fallback`` says which and why). A refused version is tried again when its files change."""
 
-    def __init__(self, models_dir: str | Path, encoder_threads: int = 0):
-        self.models_dir, self.encoder_threads = Path(models_dir), encoder_threads
+    def __init__(self, models_dir: str | Path, encoder_threads: int = 0, photo_limits: PhotoLimitsConfig | None = None):
+        self.models_dir, self.encoder_threads, self.photo_limits = Path(models_dir), encoder_threads, photo_limits
         self.model: RetrievalModel | None = None
         self.seen: tuple | None = None  # (pointer name, fingerprint of its files) last acted on
         self.last_error: str | None = None
@@ -74,7 +82,8 @@ class ModelHolder:
                 return False
             if name is not None:
                 try:
-                    model = RetrievalModel(versions_dir(self.models_dir) / name, self.encoder_threads)
+                    model = RetrievalModel(versions_dir(self.models_dir) / name, self.encoder_threads,
+                                           self.photo_limits)
                     return self._serve(model, fallback=None)
                 except ModelLoadError as err:
                     error = f"refused version {name}: {err}"
@@ -94,7 +103,7 @@ class ModelHolder:
         """Nothing served yet and the pointer unusable: serve the newest version that loads."""
         for name in reversed(list_versions(self.models_dir)):
             try:
-                model = RetrievalModel(versions_dir(self.models_dir) / name, self.encoder_threads)
+                model = RetrievalModel(versions_dir(self.models_dir) / name, self.encoder_threads, self.photo_limits)
             except ModelLoadError as err:
                 log.error("fallback: refused version %s: %s", name, err)
                 continue
@@ -136,9 +145,11 @@ class Problem(_Strict):
     detail: str
 
 
-def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watch: bool = True) -> FastAPI:
+def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watch: bool = True,
+               photos: PhotoLimitsConfig | None = None) -> FastAPI:
+    """The app serving ``models_dir``'s promoted version; ``photos``: what a photo query may cost."""
     cfg = cfg or ServingConfig()
-    holder = ModelHolder(models_dir, cfg.encoder_threads)
+    holder = ModelHolder(models_dir, cfg.encoder_threads, photos)
     stop = threading.Event()
     batcher: QueryBatcher | None = None
 
@@ -150,6 +161,10 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
         words: Annotated[list[Annotated[list[str], Field(min_length=1, max_length=10_000)]],
                          Field(min_length=1, max_length=cfg.max_queries)] | None = Field(
             None, description="text queries as word lists (models with a text vocabulary)")
+        images: Annotated[list[Annotated[str, Field(min_length=1)]],
+                          Field(min_length=1, max_length=cfg.max_queries)] | None = Field(
+            None, description="image queries as base64 JPEG or PNG files (a data: URL prefix is allowed), for "
+                              "versions whose image encoder takes photos; or send multipart/form-data")
 
     class SearchRequest(Query):
         k: StrictInt = Field(10, ge=1, le=cfg.max_k)
@@ -178,7 +193,7 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
     app = FastAPI(title="lifelong-hashing retrieval", version=__version__, lifespan=lifespan,
                   description="Cross-modal (image↔text) search over binary codes of a lifelong hashing model.")
     app.state.holder = holder
-    problems = {code: {"model": Problem} for code in (400, 401, 413, 422, 503)}
+    problems = {code: {"model": Problem} for code in (400, 401, 413, 415, 422, 503)}
     # Outermost first: a wrong host, then a missing key, is refused before any body is read.
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, timeout=cfg.request_timeout_seconds)
     app.add_middleware(ApiKey, key=os.environ.get(cfg.api_key_env) or None, open_paths=("/health",))
@@ -187,6 +202,10 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
     @app.exception_handler(QueryError)
     async def query_error(request: Request, err: QueryError):
         return JSONResponse({"detail": str(err)}, 422)
+
+    @app.exception_handler(UnsupportedMedia)
+    async def unsupported_media(request: Request, err: UnsupportedMedia):
+        return JSONResponse({"detail": str(err)}, 415)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError):
@@ -221,15 +240,29 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
         """The body as documented: parsed by ``parse``, not by FastAPI (which would decode the JSON
         into Python objects first, then validate them: four times slower for a 1,000-float row)."""
         schema = model.model_json_schema()
-        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+        return {"requestBody": {"required": True, "content": {
+            "application/json": {"schema": schema}, "multipart/form-data": {"schema": multipart_schema(schema)}}}}
 
-    async def parse(request: Request, model: type[BaseModel]):
-        """Body → validated query and its feature rows, or a 422 naming what is wrong."""
+    async def read_query(request: Request, model: type[BaseModel]):
+        """The body as a validated query and its photos (None: a features or words query)."""
+        kind = body_kind(request.headers.get("content-type"))
         try:
+            if kind == "multipart":
+                fields, files = await multipart_query(request, cfg.max_queries)
+                return model.model_validate(fields), files
             query = model.model_validate_json(await request.body())
         except ValidationError as err:
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors()]) from None
+        return query, None if query.images is None else base64_photos(query.images)
+
+    async def parse(request: Request, model: type[BaseModel]):
+        """Body → validated query and its encoder inputs, or a 4xx naming what is wrong."""
+        query, files = await read_query(request, model)
         served_model = served()
+        if files is not None:
+            if query.features is not None or query.words is not None:
+                raise QueryError("send exactly one of 'features', 'words' or a photo")
+            return query, served_model, await run_in_threadpool(served_model.photos, query.modality, files)
         if query.words is None:  # numpy's checks: cheap enough for the event loop
             return query, served_model, served_model.features(query.modality, query.features, None)
         return query, served_model, await run_in_threadpool(served_model.features, query.modality, query.features,
@@ -246,7 +279,8 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
                           "codes": [row.view("u1")[:width].tobytes().hex() for row in codes]})
 
         return await batcher.submit((model, "encode", query.modality), x,
-                                    functools.partial(model.encode, query.modality), render, inline=True)
+                                    functools.partial(model.encode, query.modality), render,
+                                    inline=x.dtype != np.uint8)  # a photo's backbone is too slow for the loop
 
     @app.post("/search", responses={**problems, 200: {"model": SearchResponse}}, response_class=Response,
               openapi_extra=request_schema(SearchRequest))
@@ -262,7 +296,7 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
             (model, "search", query.modality, query.k, query.radius, targets), x,
             functools.partial(model.search, query.modality, k=query.k, radius=query.radius, targets=targets),
             lambda results: _json({"model_version": model.version, "results": results}),
-            inline=hits <= cfg.inline_hits)
+            inline=hits <= cfg.inline_hits and x.dtype != np.uint8)
 
     return app
 

@@ -38,9 +38,10 @@ from pathlib import Path
 
 import yaml
 
-from lifelong_hashing.config import ExportConfig, IndexConfig, MonitoringConfig, Params, ValidationConfig
+from lifelong_hashing.config import ExportConfig, IndexConfig, MonitoringConfig, Params
 from lifelong_hashing.engine.batch import Batch, BatchError, load_batch
 from lifelong_hashing.engine.datasets import load_dataset
+from lifelong_hashing.engine.images import PhotoReader
 from lifelong_hashing.engine.methods.base import DatabaseEncoder, encode_here
 from lifelong_hashing.engine.metrics import DIRECTIONS, query_scores
 from lifelong_hashing.engine.runner import Scorer, append_known, history_summary, learn_stage, write_plots
@@ -233,13 +234,16 @@ def current_state(registry: Registry) -> RunState | None:
 def evaluation_queries(params: Params) -> Batch:
     """The held-out queries every version is scored on: ``pipeline.queries`` or the dataset's split."""
     if params.pipeline.queries:
-        return load_batch(params.pipeline.queries)
+        return load_batch(params.pipeline.queries, photos=PhotoReader.from_params(params))
     return load_dataset(params.dataset, params.seed).queries
 
 
-def validate(registry: Registry, arrival: Arrival, config: ValidationConfig) -> ValidationResult:
+def validate(registry: Registry, arrival: Arrival, params: Params) -> ValidationResult:
+    """The batch against the current model, or before the first one against what params ask for
+    (a photo model reads photos from the first batch on)."""
     state = current_state(registry)
-    expected = BatchExpectations.from_state(state) if state else BatchExpectations.none()
+    expected = BatchExpectations.from_state(state) if state else BatchExpectations.none(PhotoReader.from_params(params))
+    config = params.validation
     out = registry.batch_work_dir(arrival.key) / "validation"
     return validate_batch(arrival.pinned, expected, config, out, sha256=arrival.sha256, source=arrival.name)
 
@@ -335,6 +339,7 @@ def train(registry: Registry, arrival: Arrival, validation: ValidationResult, pa
     queries = evaluation_queries(params)
     start = time.perf_counter()
     batch = batch.for_model(state.method.categories)  # as validation built it
+    state.photos = validation.photos or state.photos
     if validation.new_categories:
         stage = Stage(state.stage + 1, tuple(validation.new_categories), batch.categories, batch)
         record = learn_stage(state, stage, queries, scorer, encoder)

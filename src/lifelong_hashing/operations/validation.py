@@ -24,16 +24,15 @@ import numpy as np
 
 from lifelong_hashing.config import ValidationConfig
 from lifelong_hashing.engine.batch import (
-    FIELDS,
-    OPTIONAL_FIELDS,
     Batch,
     BatchError,
     batch_from_arrays,
     name_key,
     name_problem,
-    read_npz,
+    read_batch_arrays,
     shown,
 )
+from lifelong_hashing.engine.images import PhotoReader, read_batch_photos
 from lifelong_hashing.engine.reference import ReferenceProfile, flat_features
 from lifelong_hashing.files import sha256_of, write_text
 
@@ -68,6 +67,7 @@ class ValidationResult:
     json_path: str | None = None
     html_path: str | None = None
     batch: Batch | None = field(default=None, repr=False, compare=False)  # accepted: as training reads it
+    photos: tuple[bytes, ...] = field(default=(), repr=False, compare=False)  # a few of its photos, encoded
 
     @property
     def reason(self) -> str:
@@ -85,22 +85,25 @@ class ValidationResult:
 
 @dataclass(frozen=True)
 class BatchExpectations:
-    """What the current model expects of a batch; ``none`` before the first stage is trained."""
+    """What the current model expects of a batch; ``none`` before the first stage is trained.
+    ``photos``: how the model reads photos (None: it takes image features)."""
 
     image_shape: tuple[int, ...] | None
     text_dim: int | None
     known_categories: tuple[str, ...]
     database_ids: np.ndarray
     reference: ReferenceProfile
+    photos: PhotoReader | None = None
 
     @staticmethod
-    def none() -> BatchExpectations:
-        return BatchExpectations(None, None, (), np.empty(0, str), ReferenceProfile())
+    def none(photos: PhotoReader | None = None) -> BatchExpectations:
+        return BatchExpectations(None, None, (), np.empty(0, str), ReferenceProfile(), photos)
 
     @staticmethod
     def from_state(state) -> BatchExpectations:
         m = state.method
-        return BatchExpectations(m.image_shape, m.text_dim, tuple(m.categories), state.store.ids, state.reference)
+        return BatchExpectations(m.image_shape, m.text_dim, tuple(m.categories), state.store.ids, state.reference,
+                                 PhotoReader.from_params(state.params))
 
 
 def validate_batch(path: str | Path, expected: BatchExpectations, config: ValidationConfig,
@@ -119,8 +122,8 @@ def validate_batch(path: str | Path, expected: BatchExpectations, config: Valida
         sha = "0" * 64  # unreadable: read_npz below says why
     out = Path(out_dir) if out_dir else Path(config.reports_dir) / f"{_safe_stem(path)}-{sha[:12]}"
     try:
-        arrays = read_npz(path, list(FIELDS), OPTIONAL_FIELDS, config.max_rows, config.max_bytes,
-                          config.max_categories)
+        arrays = read_batch_arrays(path, config.max_rows, config.max_bytes, config.max_categories)
+        arrays, photo_problems, photos = _photos_as_features(arrays, expected.photos, source)
     except BatchError as err:
         result = ValidationResult(source, sha, False, 0, [], [],
                                   [Failure("batch_structure", err.field, err.problem, 0)], 1)
@@ -130,6 +133,7 @@ def validate_batch(path: str | Path, expected: BatchExpectations, config: Valida
         n = len(arrays["ids"]) if arrays["ids"].ndim == 1 else 0
         return _write(ValidationResult(source, sha, False, n, [], [], structural, len(structural)), out, None)
     frame, categories = _item_frame(arrays, expected, config.range_tolerance)
+    frame["image_problem"] = photo_problems
     failures, evaluated, html = _run_suite(frame, len(categories), expected, config, out)
     declared = [str(c) for c in arrays.get("new_categories", np.empty(0, str)).tolist()]
     failures += _batch_failures(arrays, categories, declared, expected, config.max_categories)
@@ -146,8 +150,19 @@ def validate_batch(path: str | Path, expected: BatchExpectations, config: Valida
     result = ValidationResult(
         source, sha, not failures, len(frame), [c for c in categories if c in expected.known_categories],
         [c for c in categories if c in declared and c not in expected.known_categories], failures, evaluated,
-        batch=batch)
+        batch=batch, photos=photos if batch is not None else ())
     return _write(result, out, html)
+
+
+def _photos_as_features(arrays: dict[str, np.ndarray], reader: PhotoReader | None, source: str):
+    """The arrays with any photos read into backbone features, each row's decoding problem (None:
+    it decoded; a failed photo is counted by the suite, not raised) and a few encoded photos."""
+    if reader is None:
+        arrays, _ = read_batch_photos(arrays, None, source)  # refuses photo files
+        return arrays, [None] * len(arrays["ids"]), ()
+    if arrays["ids"].ndim != 1:
+        raise BatchError(source, "ids", f"expected 1-D, got shape {arrays['ids'].shape}")
+    return reader.batch_arrays(arrays, source)
 
 
 def _safe_stem(path: Path) -> str:
@@ -305,6 +320,11 @@ def _suite(gx, expected: BatchExpectations, config: ValidationConfig, n_categori
         gxe.ExpectColumnValuesToBeNull(column="undeclared_categories",
                                        description="label names are known or declared new in the batch"),
     ]
+    if expected.photos is not None:
+        limits = expected.photos.limits
+        checks.append(gxe.ExpectColumnValuesToBeNull(
+            column="image_problem", description=f"photos are JPEG or PNG files of at most {limits.max_file_bytes:,} "
+                                                f"bytes and {limits.max_pixels:,} pixels that decode whole"))
     if expected.image_shape is not None:
         shape = "x".join(map(str, expected.image_shape))
         checks.append(gxe.ExpectColumnValuesToBeInSet(column="image_shape", value_set=[shape],
@@ -372,8 +392,8 @@ def _failure(r) -> Failure:
 
 
 def _record(result: ValidationResult) -> dict:
-    """``validation.json``: everything but the loaded batch."""
-    record = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "batch"}
+    """``validation.json``: everything but the loaded batch and photos."""
+    record = {f.name: getattr(result, f.name) for f in fields(result) if f.name not in ("batch", "photos")}
     return {**record, "failures": [asdict(f) for f in result.failures]}
 
 
