@@ -31,7 +31,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
             ExportError, ModelLoadError, QueryError, VersionError, RegistryError)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and its arguments."""
     parser = argparse.ArgumentParser(prog="lhash", description=__doc__)
     add_params_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     mon.add_argument("--stage", type=int, help="which increment (default: the latest)")
     mon.add_argument("--out", help="report folder (default: monitoring.reports_dir/stage-NN)")
     mon.add_argument("--workspace", help="Evidently workspace (default: monitoring.workspace)")
+    erase = sub.add_parser("delete", help="erase items from a state: its code store, memory, kept batches and "
+                                          "reference samples (then lhash export publishes the version without them)")
+    erase.add_argument("--state", required=True, help="state folder, e.g. runs/wikipedia/state")
+    which = erase.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ids", nargs="+", help="item ids")
+    which.add_argument("--ids-file", help="a text file of item ids, one a line")
     back = sub.add_parser("rollback", help="serve an earlier pipeline version again (its git tag + dvc checkout)")
     back.add_argument("tag", help="e.g. model-v2 (git tag in pipeline.workspace)")
     find = sub.add_parser("search", help="query a running service, a models folder or a state folder")
@@ -79,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="JPEG or PNG photos, one query each (models whose image encoder takes photos)")
     find.add_argument("--k", type=int, default=10)
     find.add_argument("--radius", type=int)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "search":
         if args.image and args.modality == "text":
@@ -106,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 version = registry.rollback(args.tag)
             print(f"{registry.root}: restored {args.tag}; serving {version} from {registry.models_dir}")
             return 0
-        if args.command in ("validate", "monitor"):
+        if args.command in ("validate", "monitor", "delete"):
             return _data_command(args, params)
         if args.command == "run":
             out = args.out or params.run.out_dir
@@ -131,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 def _data_command(args, params) -> int:
     from lifelong_hashing.engine.state import load_state
 
+    if args.command == "delete":
+        return _delete(args, params)
     if args.command == "validate":
         from lifelong_hashing.engine.images import PhotoReader
         from lifelong_hashing.operations.validation import BatchExpectations, validate_batch
@@ -146,6 +160,27 @@ def _data_command(args, params) -> int:
                            workspace=args.workspace)
     print(report.summary())
     return 0 if report.ok else 1
+
+
+def _delete(args, params) -> int:
+    from lifelong_hashing.engine.runner import delete_items
+    from lifelong_hashing.engine.state import load_state, save_state
+    from lifelong_hashing.operations.pipeline import evaluation_queries
+
+    if args.ids_file:
+        try:
+            ids = [line.strip() for line in Path(args.ids_file).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise BatchError(args.ids_file, "file", f"cannot read ids: {err}") from err
+    else:
+        ids = args.ids
+    state = load_state(args.state)
+    counts = delete_items(state, ids, evaluation_queries(state.params))
+    save_state(state, args.state)
+    print(f"{args.state}: deleted {counts['deleted']:,} items ({counts['already_deleted']:,} deleted before); "
+          f"{counts.get('memory_rows', 0):,} memory rows and {counts.get('reference_rows', 0):,} reference rows "
+          f"went with them; database {len(state.store):,} items. `lhash export --state {args.state}` publishes it.")
+    return 0
 
 
 def _production_command(args, params) -> int:

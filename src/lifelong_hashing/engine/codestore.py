@@ -146,6 +146,18 @@ class CodeStore:
             raise CodeStoreError(f"ids not in the store: {ids[missing][:5].tolist()}")
         return rows
 
+    def remove(self, ids) -> int:
+        """Delete the items ``ids`` (every one must be stored: ``rows_of``); the rest keep their
+        codes and their order. Returns how many went."""
+        keep = np.ones(len(self), bool)
+        keep[self.rows_of(ids)] = False
+        self.ids, self.stage, self.labels, self.labelled = (a[keep] for a in (self.ids, self.stage, self.labels,
+                                                                              self.labelled))
+        for m in MODALITIES:
+            self.codes[m] = self.codes[m][keep]
+        self._derived.clear()
+        return int((~keep).sum())
+
     def overwrite(self, ids, codes: dict[str, np.ndarray]) -> None:
         """Replace the stored codes of ``ids``: only joint retraining does this."""
         rows = self.rows_of(ids)

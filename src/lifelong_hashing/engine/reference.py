@@ -55,6 +55,14 @@ class ReferenceProfile:
         self.stage = np.concatenate([self.stage, np.full(len(keep), stage, np.int32)])
         self.max_labels = max(self.max_labels, int(batch.labels[batch.labelled].sum(axis=1).max(initial=0)))
 
+    def remove(self, ids: np.ndarray) -> int:
+        """Drop the sampled rows of ``ids`` (a deleted item); the per-dimension ranges, aggregates
+        over every item trained on, stay. Returns how many rows went."""
+        gone = np.isin(self.ids, ids)
+        self.ids, self.stage = self.ids[~gone], self.stage[~gone]
+        self.samples = {m: x[~gone] for m, x in self.samples.items()}
+        return int(gone.sum())
+
     def rows(self, stages: slice | int) -> np.ndarray:
         """Boolean mask of the sampled rows of one stage (int) or a range of stages (slice)."""
         if isinstance(stages, int):

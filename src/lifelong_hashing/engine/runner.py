@@ -11,8 +11,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lifelong_hashing.config import EvalConfig, Params
-from lifelong_hashing.engine.batch import Batch
-from lifelong_hashing.engine.codestore import CodeStore
+from lifelong_hashing.engine.batch import Batch, shown
+from lifelong_hashing.engine.codestore import CodeStore, CodeStoreError
 from lifelong_hashing.engine.datasets import load_dataset
 from lifelong_hashing.engine.methods import Method
 from lifelong_hashing.engine.methods.base import DatabaseEncoder, encode_here
@@ -27,7 +27,15 @@ from lifelong_hashing.engine.metrics import (
 )
 from lifelong_hashing.engine.report import format_table
 from lifelong_hashing.engine.stages import Stage, StagePlan, plan_stages, queries_by_task
-from lifelong_hashing.engine.state import TIMING_KEYS, RunState, load_state, new_state, runtime_info, save_state
+from lifelong_hashing.engine.state import (
+    TIMING_KEYS,
+    RunState,
+    deleted_id_hash,
+    load_state,
+    new_state,
+    runtime_info,
+    save_state,
+)
 from lifelong_hashing.files import write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -104,6 +112,31 @@ def append_known(state: RunState, batch: Batch, queries: Batch, scorer: Scorer =
     record["database_size"] = len(state.store)
     record["items_appended"] = record.get("items_appended", 0) + len(batch)
     return record
+
+
+def delete_items(state: RunState, ids, queries: Batch, scorer: Scorer = query_scores) -> dict:
+    """Erase items: from the code store, from what the method keeps of them (exemplars, the joint
+    baseline's batches) and from the reference profile's samples, then refresh the latest stage's
+    evaluation as an append does. An id deleted before is skipped (deleting is idempotent: the
+    state keeps a hash of each deleted id, never the id); one that was never stored is an error
+    naming it, and nothing changes. Returns what went where."""
+    ids = np.unique(np.asarray(ids).astype(str))
+    fresh = np.array([i for i in ids if deleted_id_hash(i) not in state.deleted], dtype=str)
+    unknown = np.setdiff1d(fresh, state.store.ids)
+    if unknown.size:
+        more = f" and {unknown.size - 5:,} more" if unknown.size > 5 else ""
+        raise CodeStoreError(f"ids not in the store: {', '.join(map(shown, unknown[:5].tolist()))}{more}; "
+                             "nothing was deleted")
+    counts = {"requested": len(ids), "already_deleted": len(ids) - len(fresh), "deleted": 0}
+    if len(fresh):
+        counts.update(deleted=state.store.remove(fresh), memory_rows=state.method.forget(fresh),
+                      reference_rows=state.reference.remove(fresh))
+        state.deleted |= {deleted_id_hash(i) for i in fresh}
+        record = state.history[-1]
+        record.update(evaluate_stage(state.method, state.store, queries, stage_groups(state), state.params, scorer))
+        record["database_size"] = len(state.store)
+        record["items_deleted"] = record.get("items_deleted", 0) + counts["deleted"]
+    return counts
 
 
 def run_stage(state: RunState, plan: StagePlan) -> dict:

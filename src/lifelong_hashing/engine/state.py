@@ -13,6 +13,7 @@ the state directory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import shutil
@@ -44,6 +45,7 @@ class RunState:
     timings: list[dict] = field(default_factory=list)  # seconds per trained stage (not part of the state)
     text_vocabulary: dict | None = None  # words and idf of the text columns, read once at stage 0
     photos: tuple[bytes, ...] = ()  # photo models: a few encoded photos of the latest batch (export parity)
+    deleted: set[str] = field(default_factory=set)  # deleted_id_hash of every deleted item
 
     @property
     def stage(self) -> int:
@@ -51,6 +53,12 @@ class RunState:
 
 
 TIMING_KEYS = ("train_seconds", "encode_seconds")
+
+
+def deleted_id_hash(item_id: str) -> str:
+    """What the state remembers of a deleted item: enough to make a repeated deletion a no-op,
+    nothing that names it."""
+    return hashlib.sha256(item_id.encode()).hexdigest()
 
 
 def timings_path(directory: str | Path) -> Path:
@@ -90,7 +98,8 @@ def save_state(state: RunState, directory: str | Path) -> Path:
             "project_version": __version__, "method": state.method.name, "stage": state.stage,
             "categories": list(state.method.categories), "bits": state.params.model.bits,
             "params": state.params.model_dump(), "runtime": runtime_info(state.params.train.threads),
-            "text_vocabulary": state.text_vocabulary, "history": state.history})
+            "text_vocabulary": state.text_vocabulary, "history": state.history,
+            "deleted_ids_sha256": sorted(state.deleted)})
         old = directory.with_name(f".{directory.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if directory.exists():
@@ -147,4 +156,4 @@ def load_state(directory: str | Path) -> RunState:
     timings = timings_path(directory)
     return RunState(params, method, store, record["history"], ReferenceProfile.load(directory / "reference.npz"),
                     json.loads(timings.read_text()) if timings.exists() else [], record.get("text_vocabulary"),
-                    load_photos(directory / "photos.npz"))
+                    load_photos(directory / "photos.npz"), set(record.get("deleted_ids_sha256", [])))

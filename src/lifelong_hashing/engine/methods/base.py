@@ -86,6 +86,7 @@ class Method:
     """Base class: encoders, vocabulary, code writing, training loop, save/load."""
 
     name: ClassVar[str]
+    memory: ExemplarMemory | None = None  # the lifelong methods' exemplars
     # whether training reads the codes in the store (DLCH's frozen old codes): if not, one
     # training can be scored under every storing rule (bench/quality.py)
     reads_stored_codes: ClassVar[bool] = False
@@ -152,6 +153,12 @@ class Method:
 
     def keep_batch(self, batch: Batch) -> None:
         """What a method keeps of each stored batch: nothing; the joint baseline keeps them all."""
+
+    def forget(self, ids: np.ndarray) -> int:
+        """Drop the items ``ids`` from what the method keeps of items (its exemplar memory; the
+        joint baseline's kept batches), so that a deleted item leaves the model's data and not
+        only the code store. Returns how many rows went."""
+        return 0 if self.memory is None else self.memory.remove(ids)
 
     def rewrite_codes(self, store: CodeStore, encoder: DatabaseEncoder) -> None:
         """Codes of stored items that a stage changes: none. A lifelong method keeps old database

@@ -1,8 +1,9 @@
 """The small exemplar memory the lifelong methods may keep between stages.
 
-A few items per category (features of both modalities, labels, and the code each method wants
-them to keep), never the database. Its size grows with the number of categories, not with the
-database, so a stage's cost stays tied to the new batch.
+A few items per category (their ids, features of both modalities, labels, and the code each
+method wants them to keep), never the database. Its size grows with the number of categories,
+not with the database, so a stage's cost stays tied to the new batch. The ids are what lets a
+deleted item leave the memory too (``remove``).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ class ExemplarMemory:
     text: np.ndarray
     labels: np.ndarray  # float32 multi-hot over the current vocabulary
     codes: np.ndarray  # float32 ±1 targets the items should keep (zero-width when none)
+    ids: np.ndarray  # str: the items kept
 
     @classmethod
     def empty(cls, image_shape: tuple[int, ...], text_dim: int, bits: int) -> ExemplarMemory:
         return cls(np.zeros((0, *image_shape), np.float32), np.zeros((0, text_dim), np.float32),
-                   np.zeros((0, 0), np.float32), np.zeros((0, bits), np.float32))
+                   np.zeros((0, 0), np.float32), np.zeros((0, bits), np.float32), np.empty(0, str))
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -45,12 +47,24 @@ class ExemplarMemory:
         self.text = np.concatenate([self.text, batch.text[rows]])
         self.labels = np.concatenate([self.labels, labels])
         self.codes = np.concatenate([self.codes, np.asarray(codes, np.float32)])
+        self.ids = np.concatenate([self.ids, batch.ids[rows]])
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Forget the exemplars of ``ids``; how many rows went. Exemplars of unknown id (a memory
+        saved before they carried one) go too: nothing else can show they are not the deleted items."""
+        gone = np.isin(self.ids, ids) | (self.ids == "")
+        for k, v in list(vars(self).items()):
+            setattr(self, k, v[~gone])
+        return int(gone.sum())
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {f"memory_{k}": v for k, v in vars(self).items()}
 
     def load_arrays(self, arrays) -> None:
         for k in vars(self):
+            if k == "ids" and "memory_ids" not in arrays:  # saved by an earlier version: ids unknown
+                self.ids = np.full(len(arrays["memory_codes"]), "", "<U1")
+                continue
             setattr(self, k, arrays[f"memory_{k}"])
 
 

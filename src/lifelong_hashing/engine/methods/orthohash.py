@@ -98,6 +98,16 @@ class Joint(CodebookMethod):
     def keep_batch(self, batch: Batch) -> None:
         self.seen.append(batch)  # unlabelled items too: they are re-encoded with the rest
 
+    def forget(self, ids: np.ndarray) -> int:
+        kept, gone = [], 0
+        for batch in self.seen:
+            drop = np.isin(batch.ids, ids)
+            gone += int(drop.sum())
+            if not drop.all():
+                kept.append(batch.subset(~drop) if drop.any() else batch)
+        self.seen = kept
+        return gone
+
     def rewrite_codes(self, store: CodeStore, encoder: DatabaseEncoder) -> None:
         """Re-encode every item stored before this stage with the new encoders, found by id: the
         cost lifelong methods avoid. One batch of them all, so that shards of it encode as in one
