@@ -147,7 +147,7 @@ class Fire(nn.Module):
 class PhotoBackbone(nn.Module):
     """uint8 RGB pixels (n, 227, 227, 3) → (n, 512) float features; frozen."""
 
-    def __init__(self, spec: BackboneSpec = SQUEEZENET, weights: dict[str, np.ndarray] | None = None):
+    def __init__(self, spec: BackboneSpec = SQUEEZENET):
         super().__init__()
         self.spec = spec
         self.register_buffer("mean", torch.tensor(spec.mean_bgr, dtype=torch.float32).view(1, 3, 1, 1))
@@ -157,7 +157,7 @@ class PhotoBackbone(nn.Module):
             fires[name] = Fire(width, squeeze, expand)
             width = 2 * expand
         self.fires = nn.ModuleDict(fires)
-        self.load_weights(backbone_weights(spec) if weights is None else weights)
+        self.load_weights(backbone_weights(spec))
         self.requires_grad_(False)
         self.eval()
 

@@ -127,9 +127,9 @@ def load_photos(path: Path) -> tuple[bytes, ...]:
     return tuple(split_files(arrays[FILES_KEY], arrays[OFFSETS_KEY], len(arrays[OFFSETS_KEY]) - 1, str(path)))
 
 
-def photo_column(arrays: dict[str, np.ndarray], source: str, pixels: bool = True) -> list[bytes] | np.ndarray | None:
-    """A batch file's photos: its encoded files, its uint8 (n, h, w, 3) pixels (with ``pixels``),
-    or None for image features."""
+def photo_column(arrays: dict[str, np.ndarray], source: str) -> list[bytes] | np.ndarray | None:
+    """A batch file's photos: its encoded files, its uint8 (n, h, w, 3) pixels, or None for image
+    features."""
     rows = len(arrays["ids"])
     if FILES_KEY in arrays or OFFSETS_KEY in arrays:
         if FILES_KEY not in arrays or OFFSETS_KEY not in arrays:
@@ -138,7 +138,7 @@ def photo_column(arrays: dict[str, np.ndarray], source: str, pixels: bool = True
             raise BatchError(source, "image", f"a batch carries image features or {FILES_KEY}, not both")
         return split_files(arrays[FILES_KEY], arrays[OFFSETS_KEY], rows, source)
     image = arrays.get("image")
-    return image if pixels and image is not None and image.dtype == np.uint8 and image.ndim == 4 else None
+    return image if image is not None and image.dtype == np.uint8 and image.ndim == 4 else None
 
 
 def sample_files(photos: list[bytes] | np.ndarray) -> tuple[bytes, ...]:
@@ -218,7 +218,7 @@ def read_batch_photos(arrays: dict[str, np.ndarray], reader: PhotoReader | None,
     """A loaded batch file's arrays with photos as features, or BatchError: photos sent to a model
     without a backbone, or a photo that does not decode (the first is named)."""
     if reader is None:  # uint8 pixels are then the input of a CNN trained from scratch (model.image_encoder)
-        if photo_column(arrays, source, pixels=False) is not None:
+        if FILES_KEY in arrays or OFFSETS_KEY in arrays:  # refused as they are: nothing is cut apart
             raise BatchError(source, FILES_KEY, "the batch carries photo files but the model takes image "
                                                 "features (model.image_backbone: none)")
         return arrays, ()
