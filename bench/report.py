@@ -259,6 +259,23 @@ def index_row(row: dict) -> str:
             f"| {row['recall_at_100']:.4f} |")
 
 
+def filters_table(r: dict) -> str:
+    """bench/filters.py: filtered exact top-k against the same search unfiltered, one run."""
+    plain = r["unfiltered"]
+    out = [f"Unfiltered: one query {plain['single_ms']:g} ms, a batch of {r['batch']:,} {plain['batch_s']:g} s.", "",
+           "| filter | share passing | one query ms (× unfiltered) | same, first time (mask built) | "
+           f"batch of {r['batch']:,} s (× unfiltered) | gathered copy, batch s | same hits as the copy | "
+           f"queries with k hits | post-filtered top {10 * r['k']:,}: queries short of k |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        out.append(f"| {row['filter']} | {row['share']:.1%} | {row['single_ms']:g} ({row['single_vs_unfiltered']:.2f}) "
+                   f"| {row['single_first_ms']:g} ({row['single_first_vs_unfiltered']:.2f}) "
+                   f"| {row['batch_s']:g} ({row['batch_vs_unfiltered']:.2f}) | {row['gather_batch_s']:g} "
+                   f"| {'yes' if row['same_as_gather'] else 'NO'} | {row['k_hits_share']:.0%} "
+                   f"| {row['post_filter_short_share']:.0%} |")
+    return "\n".join(out)
+
+
 def distributed_table(r: dict) -> str:
     """bench/sharded_encoding.py: encoding an append batch in process and on Dask workers."""
     out = ["| items | where | threads per process | wall s, cold | of it: cluster start | wall s, warm | shards "
@@ -425,6 +442,7 @@ BLOCKS = {
     "encoder-throughput": lambda: encoder_table(_read("encoder_throughput")["rows"]),
     "serve-load": lambda: load_table(_read("serve_load")),
     "search-indexes": lambda: index_table(_read("search_speed")["indexes"]),
+    "filters": lambda: filters_table(_read("filters")),
     "distributed": lambda: distributed_table(_read("sharded_encoding")),
     "photos": lambda: photos_tables(_read("photos")),
     "scale-summary": lambda: scale_summary(_read("search_speed"), _read("serve_load"), _read("sharded_encoding")),

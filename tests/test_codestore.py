@@ -3,7 +3,14 @@ import os
 import numpy as np
 import pytest
 
-from lifelong_hashing.engine.codestore import CodeStore, CodeStoreError, hamming_distances, pack_codes, unpack_codes
+from lifelong_hashing.engine.codestore import (
+    CodeStore,
+    CodeStoreError,
+    ItemFilter,
+    hamming_distances,
+    pack_codes,
+    unpack_codes,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -158,3 +165,55 @@ def test_the_store_keeps_which_items_came_labelled(tmp_path):
     plain.append(["x"], 0, np.array([[1]], np.uint8), ("a",), {m: c[:1] for m, c in codes.items()})
     assert "labelled" not in np.load(plain.save(tmp_path / "plain.npz")).files  # byte-stable for labelled stores
     assert CodeStore.load(tmp_path / "plain.npz").labelled.tolist() == [True]
+
+
+def _filtered_store(bits: int, n: int = 3000, seed: int = 0) -> CodeStore:
+    """Many ties (few bits set differently), labels and stages spread over the items."""
+    rng = np.random.default_rng(seed)
+    store = CodeStore(bits, ("a", "b", "c"))
+    codes = {m: pack_codes(rng.standard_normal((n, bits))) for m in ("image", "text")}
+    store.append([f"shop{i % 5}/{i:05d}" for i in range(n)], 0, (rng.random((n, 3)) < 0.4).astype(np.uint8),
+                 ("a", "b", "c"), codes)
+    store.stage[:] = rng.integers(0, 4, n)
+    return store
+
+
+FILTERS = [ItemFilter(any_of=("a",)), ItemFilter(all_of=("a", "b"), stages=(1, 2)),
+           ItemFilter(any_of=("b", "c"), all_of=("a",), id_prefix="shop3/"), ItemFilter(id_prefix="shop1/000"),
+           ItemFilter(stages=(3, 3), id_prefix="shop2/0")]
+
+
+@pytest.mark.parametrize("bits", [32, 64, 128, 256])
+@pytest.mark.parametrize("where", FILTERS, ids=str)
+def test_filtered_top_k_is_the_exact_top_k_of_the_items_the_filter_lets_through(bits, where):
+    store = _filtered_store(bits)
+    queries = pack_codes(np.random.default_rng(1).standard_normal((40, bits)))
+    allowed = where.allowed(store)
+    expected_allowed = np.array([(not where.any_of or any(store.labels[i, store.categories.index(c)]
+                                                         for c in where.any_of))
+                                 and all(store.labels[i, store.categories.index(c)] for c in where.all_of)
+                                 and (where.stages is None or where.stages[0] <= store.stage[i] <= where.stages[1])
+                                 and str(store.ids[i]).startswith(where.id_prefix) for i in range(len(store))])
+    assert np.array_equal(allowed, expected_allowed) and 0 < allowed.sum() < len(store)
+    k = 60
+    idx, dist = store.search(queries, "image", k, where=where)
+    full = hamming_distances(queries, store.codes["image"]).astype(np.int64)
+    full[:, ~allowed] = 1 << 20
+    order = np.argsort(full, axis=1, kind="stable")[:, :k]
+    reach = min(k, int(allowed.sum()))
+    assert np.array_equal(idx[:, :reach], order[:, :reach])  # k hits whenever k items pass: no post-filtering
+    assert np.array_equal(dist[:, :reach], np.take_along_axis(full, order, 1)[:, :reach])
+    assert (idx[:, reach:] == -1).all() and (dist[:, reach:] == -1).all()
+    assert allowed[idx[idx >= 0]].all()
+
+
+def test_a_filter_that_matches_nothing_or_names_an_unknown_category():
+    store = _filtered_store(64, n=500)
+    queries = pack_codes(np.random.default_rng(2).standard_normal((3, 64)))
+    idx, dist = store.search(queries, "text", 5, where=ItemFilter(id_prefix="nobody"))
+    assert (idx == -1).all() and (dist == -1).all()
+    with pytest.raises(CodeStoreError, match=r"unknown categories \['zebra'\]"):
+        store.search(queries, "text", 5, where=ItemFilter(any_of=("a", "zebra")))
+    unfiltered = store.search(queries, "text", 5)
+    assert all(np.array_equal(a, b) for a, b in zip(unfiltered, store.search(queries, "text", 5, where=ItemFilter()),
+                                                    strict=True))

@@ -87,6 +87,10 @@ def test_the_service_takes_photos_as_multipart_and_base64_and_refuses_bad_ones(p
         encoded = base64.b64encode(photo).decode()
         as_json = httpx.post(url + "/search", json={"modality": "image", "k": 5, "images": [encoded]})
         assert as_json.json()["results"] == multipart.json()["results"]
+        tag = photo_model["state"].store.categories[0]
+        within = httpx.post(url + "/search", data={"k": "5", "filter": json.dumps({"any_of": [tag]})},
+                            files=[("image", ("a.jpg", photo, "image/jpeg"))])
+        assert within.status_code == 200 and all(tag in h["labels"] for h in within.json()["results"][0]["text"])
         data_url = httpx.post(url + "/encode", json={"modality": "image",
                                                     "images": ["data:image/jpeg;base64," + encoded]})
         two = httpx.post(url + "/encode", files=[("image", ("a.jpg", photo, "image/jpeg")),
@@ -100,6 +104,8 @@ def test_the_service_takes_photos_as_multipart_and_base64_and_refuses_bad_ones(p
             "not base64": httpx.post(url + "/search", json={"modality": "image", "images": ["%%%"]}),
             "features": httpx.post(url + "/search", json={"modality": "image", "features": [[0.1] * 512]}),
             "text photo": httpx.post(url + "/search", json={"modality": "text", "images": [encoded]}),
+            "filter not json": httpx.post(url + "/search", data={"filter": "{any_of"},
+                                          files=[("image", ("a.jpg", photo, "image/jpeg"))]),
         }
         expected = {"text/plain body": (415, "Content-Type 'text/plain' is not taken"),
                     "gif part": (415, "part type 'image/gif'"),
@@ -107,7 +113,8 @@ def test_the_service_takes_photos_as_multipart_and_base64_and_refuses_bad_ones(p
                     "truncated": (422, "photo 0: does not decode as JPEG"),
                     "not base64": (422, "images[0]: not base64"),
                     "features": (422, "takes photos, not feature vectors"),
-                    "text photo": (422, "photos are queries of the image modality")}
+                    "text photo": (422, "photos are queries of the image modality"),
+                    "filter not json": (422, "form field 'filter': not JSON")}
         for case, (status, message) in expected.items():
             assert refused[case].status_code == status, (case, refused[case].text)
             assert message in refused[case].json()["detail"], (case, refused[case].text)

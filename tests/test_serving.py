@@ -29,7 +29,7 @@ from schemathesis.specs.openapi.checks import (
 
 from lifelong_hashing.cli import main
 from lifelong_hashing.config import ExportConfig, IndexConfig, load_params
-from lifelong_hashing.engine.codestore import hamming_distances
+from lifelong_hashing.engine.codestore import ItemFilter, hamming_distances
 from lifelong_hashing.engine.datasets import load_dataset
 from lifelong_hashing.engine.runner import run_sequence
 from lifelong_hashing.engine.state import load_state
@@ -134,6 +134,10 @@ def test_an_approximate_index_is_built_at_export_versioned_and_served(wiki, tmp_
     served = model.search("text", x[:20], 5, None, ("image",))
     ids = set(wiki["state"].store.ids)
     assert any(r["image"] for r in served) and all(h["id"] in ids for r in served for h in r["image"])
+    where = ItemFilter(any_of=(wiki["state"].store.categories[-1],))  # a filtered search is exact, index or not
+    filtered = model.search("text", x[:20], 100, None, ("image",), where)
+    exact = wiki["state"].store.search(codes[:20], "image", 100, where=where)[0]
+    assert [[h["id"] for h in r["image"]] for r in filtered] == wiki["state"].store.ids[exact].tolist()
 
 
 def test_text_query_returns_images_of_its_category(wiki, server):
@@ -214,6 +218,27 @@ def test_version_and_health_tell_the_truth(wiki, server):
 def test_bad_requests_get_a_clear_4xx(server, body, status, words):
     reply = httpx.post(server + "/search", content=json.dumps(body), headers={"content-type": "application/json"})
     assert reply.status_code == status and words in reply.json()["detail"], reply.text
+
+
+def test_search_within_a_filter_returns_k_hits_that_pass_it(wiki, server):
+    store, queries = wiki["state"].store, wiki["data"].queries
+    late = store.categories[-1]
+    body = {"modality": "text", "k": 50, "features": queries.text[:30].tolist()}
+    plain = httpx.post(server + "/search", json=body).json()["results"]
+    assert any(late not in h["labels"] for r in plain for h in r["image"])
+    for where, passes in [({"any_of": [late]}, lambda h: late in h["labels"]),
+                          ({"stages": [1, 1]}, lambda h: h["stage"] == 1),
+                          ({"id_prefix": store.ids[7][:-1]}, lambda h: h["id"].startswith(store.ids[7][:-1]))]:
+        allowed = ItemFilter(**{k: tuple(v) if k != "id_prefix" else v for k, v in where.items()}).allowed(store)
+        reply = httpx.post(server + "/search", json={**body, "filter": where})
+        assert reply.status_code == 200, reply.text
+        for result in reply.json()["results"]:
+            assert len(result["image"]) == min(50, allowed.sum()) and all(map(passes, result["image"])), where
+    for where, words in [({"any_of": ["zebra"]}, "filter: unknown categories ['zebra']"),
+                         ({"stages": [2, 1]}, "the first is after the last"),
+                         ({"colour": "red"}, "body.filter.colour: Extra inputs are not permitted")]:
+        reply = httpx.post(server + "/search", json={**body, "filter": where})
+        assert reply.status_code == 422 and words in reply.json()["detail"], reply.text
 
 
 def test_malformed_and_oversize_bodies(server):
@@ -523,6 +548,11 @@ def test_cli_search_on_service_models_and_state(wiki, server, tmp_path, capsys):
                      "--k", "3"]) == 0
         out = capsys.readouterr().out
         assert out.count("query 0 → image:") == 1 and "  3  " in out
+        late = wiki["state"].store.categories[-1]
+        assert main(["--params", params, "search", *where, "--modality", "text", "--features-file", str(features),
+                     "--k", "4", "--any-of", late, "--stages", "1:2"]) == 0
+        hits = [line.split() for line in capsys.readouterr().out.splitlines() if "distance" in line]
+        assert len(hits) == 8 and all(late in h[-1].split(",") and h[5] in ("1", "2") for h in hits), hits
     assert main(["--params", params, "search", "--url", server, "--modality", "image", "--features-file",
                  str(features)]) == 2
     assert "answered 422" in capsys.readouterr().err

@@ -86,7 +86,29 @@ def build_parser() -> argparse.ArgumentParser:
                       help="JPEG or PNG photos, one query each (models whose image encoder takes photos)")
     find.add_argument("--k", type=int, default=10)
     find.add_argument("--radius", type=int)
+    only = find.add_argument_group("filter (the top k is exact within it)")
+    only.add_argument("--any-of", nargs="+", default=[], metavar="CATEGORY", help="items with one of these")
+    only.add_argument("--all-of", nargs="+", default=[], metavar="CATEGORY", help="items with all of these")
+    only.add_argument("--stages", type=_stage_range, metavar="FIRST:LAST", help="items of these stages, inclusive")
+    only.add_argument("--id-prefix", default="", help="items whose id starts with this")
     return parser
+
+
+def _stage_range(text: str) -> tuple[int, int]:
+    first, sep, last = text.partition(":")
+    try:
+        bounds = (int(first), int(last if sep else first))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIRST:LAST, e.g. 2:3") from None
+    if bounds[0] > bounds[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: the first stage is after the last")
+    return bounds
+
+
+def _item_filter(args):
+    from lifelong_hashing.engine.codestore import ItemFilter
+
+    return ItemFilter(tuple(args.any_of), tuple(args.all_of), args.stages, args.id_prefix)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,13 +258,18 @@ def _search(args, params) -> None:
     if args.url:
         import httpx
 
+        where = _item_filter(args)
         body = {"modality": args.modality, "k": args.k, "radius": args.radius,
-                "features": None if features is None else np.atleast_2d(features).tolist(), "words": words}
+                "features": None if features is None else np.atleast_2d(features).tolist(), "words": words,
+                "filter": {"any_of": list(where.any_of), "all_of": list(where.all_of), "stages": where.stages,
+                           "id_prefix": where.id_prefix} if where else None}
         try:
             if photos is None:
                 reply = httpx.post(args.url.rstrip("/") + "/search", json=body, timeout=60)
             else:
                 form = {k: str(v) for k, v in body.items() if k in ("modality", "k", "radius") and v is not None}
+                if body["filter"]:
+                    form["filter"] = json.dumps(body["filter"])
                 reply = httpx.post(args.url.rstrip("/") + "/search", data=form, files=photos, timeout=60)
         except httpx.HTTPError as err:
             raise QueryError(f"{args.url}: {err}") from err
@@ -264,7 +291,7 @@ def _search(args, params) -> None:
             else:
                 x = model.photos(args.modality, [data for _, (_, data, _) in photos])
             other = "text" if args.modality == "image" else "image"
-            results = model.search(args.modality, x, args.k, args.radius, (other,))
+            results = model.search(args.modality, x, args.k, args.radius, (other,), _item_filter(args))
     for q, result in enumerate(results):
         for side, hits in result.items():
             print(f"query {q} → {side}:")
@@ -299,7 +326,7 @@ def _search_state(state, args, features) -> list[dict]:
     x = np.atleast_2d(np.asarray(features, np.float32))
     other = "text" if args.modality == "image" else "image"
     codes = state.method.encode(args.modality, x)
-    hits = as_hits(state.store, *state.store.search(codes, other, args.k, args.radius))
+    hits = as_hits(state.store, *state.store.search(codes, other, args.k, args.radius, _item_filter(args)))
     return [{other: row} for row in hits]
 
 

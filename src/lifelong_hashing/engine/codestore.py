@@ -11,6 +11,11 @@ histogram of distances instead of a heap; it keeps the tie rule and outruns fais
 ``IndexBinaryFlat`` (``bench/search_speed.py``; bench/results/search_speed.json). Longer codes
 use faiss ``IndexBinaryFlat`` with ``use_heap=False``, whose counting selection keeps the same
 rule. Full rankings (for metrics) use the numpy path, which needs every distance anyway.
+
+A search may be restricted by an ``ItemFilter`` (categories, stages, an id prefix), exactly: k
+hits whenever k items pass it. When many pass, the kernel pushes the others past every distance
+(the cost of an unfiltered search); when few do, it scans a copy of only their codes (a cost in
+proportion to them). ``bench/filters.py`` measures both against unfiltered search.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from lifelong_hashing.engine.kernels import hamming_topk_kernel
 from lifelong_hashing.files import write_npz
 
 MODALITIES = ("image", "text")
+FILTERS_KEPT = 8  # the latest filters searched keep their items with the store's derived data
+GATHER_SHARE = 0.25  # a filter letting fewer items through than this share scans a copy of just theirs
 _CHUNK_ELEMENTS = 1 << 24  # distances computed per block: bounds memory to ~16 MB at a time
 
 
@@ -71,6 +78,62 @@ def rank_by_distance(distances: np.ndarray) -> np.ndarray:
     """Full ranking per row, ties by database position: a stable radix (counting) sort of the
     small-integer distances, O(N) per query instead of argsort's O(N log N)."""
     return np.argsort(distances, axis=-1, kind="stable")
+
+
+@dataclass(frozen=True)
+class ItemFilter:
+    """Which stored items a search may return: all its conditions hold. ``any_of``: at least one
+    of these categories; ``all_of``: every one of them; ``stages``: a stage index within
+    (first, last), inclusive (appended items carry the stage they joined); ``id_prefix``: ids
+    starting with it. Hashable, so requests with the same filter can share a batch."""
+
+    any_of: tuple[str, ...] = ()
+    all_of: tuple[str, ...] = ()
+    stages: tuple[int, int] | None = None
+    id_prefix: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.any_of or self.all_of or self.stages is not None or self.id_prefix)
+
+    def allowed(self, store: CodeStore) -> np.ndarray:
+        """(n,) bool: the store's items this filter lets through. A category the store does not
+        know is an error naming it (a typo would otherwise match nothing, silently)."""
+        keep = np.ones(len(store), bool)
+        for names, combine in ((self.any_of, np.any), (self.all_of, np.all)):
+            if names:
+                keep &= combine(store.labels[:, store.category_columns(names)] > 0, axis=1)
+        if self.stages is not None:
+            first, last = self.stages
+            keep &= (store.stage >= first) & (store.stage <= last)
+        if self.id_prefix:
+            keep &= store.id_prefix_mask(self.id_prefix)
+        return keep
+
+
+@dataclass
+class _Within:
+    """A filter's items in a store. When many pass, the kernel scans every code with the others
+    ``blocked`` (255; 0 for the allowed); when fewer than ``GATHER_SHARE`` do, a copy of just
+    their codes (word-major, made per modality at first use) is scanned, and ``rows`` map its
+    hits back, in store order so ties still go by position."""
+
+    allowed: np.ndarray  # (n,) bool
+    count: int
+    blocked: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    _columns: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, allowed: np.ndarray) -> _Within:
+        count = int(np.count_nonzero(allowed))
+        if count < GATHER_SHARE * len(allowed):
+            return cls(allowed, count, rows=np.flatnonzero(allowed))
+        return cls(allowed, count, blocked=np.subtract(allowed.view(np.uint8), 1, dtype=np.uint8))  # 1→0, 0→255
+
+    def columns(self, store: CodeStore, modality: str) -> np.ndarray:
+        if modality not in self._columns:
+            self._columns[modality] = np.ascontiguousarray(store.codes[modality][self.rows].T)
+        return self._columns[modality]
 
 
 @dataclass
@@ -191,10 +254,29 @@ class CodeStore:
                                            inverse.reshape(-1))
         return self._derived["label_sets"]
 
-    def search(self, query_codes: np.ndarray, modality: str, k: int,
-               radius: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k (ties by position) among ``modality`` codes; rows beyond ``radius`` or
-        past the database end are -1 with distance -1. Returns (indices, distances), (Q, k)."""
+    def category_columns(self, names) -> list[int]:
+        unknown = [n for n in names if n not in self.categories]
+        if unknown:
+            raise CodeStoreError(f"unknown categories {unknown[:5]}; the store has {list(self.categories)}")
+        return [self.categories.index(n) for n in names]
+
+    def id_prefix_mask(self, prefix: str) -> np.ndarray:
+        """(n,) bool, ids starting with ``prefix``: a range of the sorted ids (kept with the
+        store's derived data), not a string comparison per item."""
+        if "id_order" not in self._derived:
+            order = np.argsort(self.ids, kind="stable")
+            self._derived["id_order"] = order, self.ids[order]
+        order, ordered = self._derived["id_order"]
+        lo, hi = np.searchsorted(ordered, [prefix, prefix + "\U0010ffff"])
+        mask = np.zeros(len(self), bool)
+        mask[order[lo:hi]] = True
+        return mask
+
+    def search(self, query_codes: np.ndarray, modality: str, k: int, radius: int | None = None,
+               where: ItemFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k (ties by position) among ``modality`` codes, within ``where`` when given;
+        rows beyond ``radius``, or past the items there are, are -1 with distance -1. Returns
+        (indices, distances), (Q, k)."""
         if modality not in MODALITIES:
             raise CodeStoreError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
         if k <= 0:
@@ -203,16 +285,20 @@ class CodeStore:
         if query_codes.ndim != 2 or query_codes.shape[1] != self.words or query_codes.dtype != np.uint64:
             raise CodeStoreError(f"queries must be (n, {self.words}) uint64 packed codes, got "
                                  f"{query_codes.shape} {query_codes.dtype}")
-        reach = min(k, len(self))
+        within = self._within(where) if where else None
+        reach = min(k, len(self) if within is None else within.count)
         if reach == 0:
             empty = np.full((len(query_codes), k), -1)
             return empty.astype(np.int64), empty.astype(np.int32)
-        if self.bits < 256:  # distances fit a byte: the compiled counting kernel (bench/search_speed.py)
-            idx, top = hamming_topk_kernel(np.ascontiguousarray(query_codes), self._columns(modality), reach,
-                                           self.bits, 16, 1024)
-        else:
-            top, idx = self._index(modality).search(faiss_bytes(query_codes, self.bits), reach)
-            top, idx = top.astype(np.int32), idx.astype(np.int64)
+        query_codes = np.ascontiguousarray(query_codes)
+        if self.bits >= 256:
+            idx, top = self._faiss_search(query_codes, modality, reach, within)
+        elif within is not None and within.rows is not None:  # few pass: scan only their codes
+            idx, top = hamming_topk_kernel(query_codes, within.columns(self, modality), reach, self.bits, 16, 1024)
+            idx = within.rows[idx]
+        else:  # distances fit a byte: the compiled counting kernel (bench/search_speed.py)
+            idx, top = hamming_topk_kernel(query_codes, self._columns(modality), reach, self.bits, 16, 1024,
+                                           None if within is None else within.blocked)
         if radius is not None:
             far = top > radius
             idx[far], top[far] = -1, -1
@@ -220,6 +306,33 @@ class CodeStore:
             pad = ((0, 0), (0, k - idx.shape[1]))
             idx, top = np.pad(idx, pad, constant_values=-1), np.pad(top, pad, constant_values=-1)
         return idx, top
+
+    def _within(self, where: ItemFilter) -> _Within:
+        """``where``'s items, kept for the latest filters: a service sees the same ones again and again."""
+        key = ("filter", where)
+        if key not in self._derived:
+            kept = [k for k in self._derived if isinstance(k, tuple) and k[0] == "filter"]
+            for old in kept[: max(0, len(kept) - FILTERS_KEPT + 1)]:
+                del self._derived[old]
+            self._derived[key] = _Within.of(where.allowed(self))
+        return self._derived[key]
+
+    def _faiss_search(self, query_codes: np.ndarray, modality: str, k: int,
+                      within: _Within | None) -> tuple[np.ndarray, np.ndarray]:
+        """Codes of 256 bits and more: faiss' exact flat index, or within a filter a flat index
+        over the allowed items (kept in order, so ties still go by position)."""
+        import faiss
+
+        if within is None:
+            index, rows = self._index(modality), None
+        else:
+            rows = np.flatnonzero(within.allowed)
+            index = faiss.IndexBinaryFlat(self.bits)
+            index.use_heap = False
+            index.add(faiss_bytes(self.codes[modality][rows], self.bits))
+        top, idx = index.search(faiss_bytes(query_codes, self.bits), k)
+        idx = idx.astype(np.int64) if rows is None else rows[idx]
+        return idx, top.astype(np.int32)
 
     def rank(self, query_codes: np.ndarray, modality: str) -> tuple[np.ndarray, np.ndarray]:
         """Full ranking of every stored item per query, ties by position: (order, distances)."""

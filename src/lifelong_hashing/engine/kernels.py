@@ -105,6 +105,15 @@ def _distances(query, columns, c0, c1, row):
 
 
 @numba.njit(nogil=True, inline="always")
+def _exclude(row, blocked, c0, size):
+    """Push the items a filter excludes (``blocked`` 255) past every real distance (<= bits < 255)."""
+    if blocked is not None:  # numba compiles the unfiltered search without this loop
+        part = blocked[c0:c0 + size]
+        for j in range(size):
+            row[j] = max(row[j], part[j])
+
+
+@numba.njit(nogil=True, inline="always")
 def _count_within(row, size, limit):
     """How many of the first ``size`` distances are <= limit (a vectorized count)."""
     hits = 0
@@ -113,19 +122,21 @@ def _count_within(row, size, limit):
     return hits
 
 
-def hamming_topk_kernel(queries, columns, k, bits, block, chunk):
+def hamming_topk_kernel(queries, columns, k, bits, block, chunk, blocked=None):
     """``_hamming_topk`` on threads when there is more than one block of queries to share out;
     one block runs on the calling thread (the service's batches of a few queries: no thread pool
     to wake, nor to fight over when two requests search at once)."""
     if queries.shape[0] > block:
-        return _hamming_topk_parallel(queries, columns, k, bits, block, chunk)
-    return _hamming_topk_serial(queries, columns, k, bits, block, chunk)
+        return _hamming_topk_parallel(queries, columns, k, bits, block, chunk, blocked)
+    return _hamming_topk_serial(queries, columns, k, bits, block, chunk, blocked)
 
 
-def _hamming_topk(queries, columns, k, bits, block, chunk):
+def _hamming_topk(queries, columns, k, bits, block, chunk, blocked):
     """The k nearest items per query, ties by database position: (indices, distances), each
     (Q, k), ordered by distance then position. ``columns``: the database's code words, word-major
-    (words, N); distances must fit uint8 (bits < 256); 1 <= k <= N.
+    (words, N); distances must fit uint8 (bits < 256). ``blocked``: None, or (N,) uint8, 255 for
+    each item a filter excludes and 0 for the others, so the top k is exact within the filter at
+    the cost of one max per item; 1 <= k <= the items not excluded.
 
     Two passes per query, each recomputing distances chunk by chunk (cheap: one vector popcount
     per word), so no distance array larger than a chunk exists. The first, blocked over queries so
@@ -146,6 +157,7 @@ def _hamming_topk(queries, columns, k, bits, block, chunk):
             size = c1 - c0
             for qi in range(m):
                 _distances(queries[q0 + qi], columns, c0, c1, row)
+                _exclude(row, blocked, c0, size)
                 limit = np.uint8(bound[qi])
                 if _count_within(row, size, limit) == 0:
                     continue
@@ -178,6 +190,7 @@ def _hamming_topk(queries, columns, k, bits, block, chunk):
                 c1 = min(n, c0 + chunk)
                 size = c1 - c0
                 _distances(queries[q], columns, c0, c1, row)
+                _exclude(row, blocked, c0, size)
                 if _count_within(row, size, limit) == 0:
                     continue
                 for g0 in range(0, size, 64):

@@ -13,7 +13,7 @@ import numpy as np
 
 from lifelong_hashing.config import PhotoLimitsConfig
 from lifelong_hashing.engine.batch import shown
-from lifelong_hashing.engine.codestore import MODALITIES, CodeStore, CodeStoreError, words_from_bytes
+from lifelong_hashing.engine.codestore import MODALITIES, CodeStore, CodeStoreError, ItemFilter, words_from_bytes
 from lifelong_hashing.engine.images import PhotoError, decode_photo
 from lifelong_hashing.inference.indexes import load_indexes, search_index
 from lifelong_hashing.inference.onnx_runtime import execution_providers, new_session
@@ -180,22 +180,34 @@ class RetrievalModel:
         return words_from_bytes(self.sessions[modality].run(["bits"], {self.inputs[modality]: x})[0])
 
     def search(self, modality: str, x: np.ndarray, k: int, radius: int | None,
-               targets: tuple[str, ...]) -> list[dict[str, list[dict]]]:
-        """Top-k database items per query, for each target side ("image" / "text" codes)."""
+               targets: tuple[str, ...], where: ItemFilter | None = None) -> list[dict[str, list[dict]]]:
+        """Top-k database items per query, for each target side ("image" / "text" codes),
+        among the items ``where`` lets through."""
         if radius is not None and not 0 <= radius <= self.bits:
             raise QueryError(f"radius must be within 0..{self.bits}, got {radius}")
+        self.check_filter(where)
         codes = self.encode(modality, x)
         results: list[dict[str, list[dict]]] = [{} for _ in range(len(x))]
         for target in targets:
-            for q, hits in enumerate(as_hits(self.store, *self.top_k(codes, target, k, radius))):
+            for q, hits in enumerate(as_hits(self.store, *self.top_k(codes, target, k, radius, where))):
                 results[q][target] = hits
         return results
 
-    def top_k(self, codes: np.ndarray, target: str, k: int, radius: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def check_filter(self, where: ItemFilter | None) -> None:
+        """A filter naming a category this version does not have is a QueryError."""
+        if where:
+            try:
+                self.store.category_columns(where.any_of + where.all_of)
+            except CodeStoreError as err:
+                raise QueryError(f"filter: {err}") from err
+
+    def top_k(self, codes: np.ndarray, target: str, k: int, radius: int | None,
+              where: ItemFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(indices, distances) of the ``target`` codes nearest each query: on the version's
-        approximate index when it has one, else exact."""
-        if self.indexes is None:
-            return self.store.search(codes, target, k, radius)
+        approximate index when it has one, else exact. A filtered search is always exact (an
+        approximate index would return fewer than k hits when its candidates miss the filter)."""
+        if self.indexes is None or where:
+            return self.store.search(codes, target, k, radius, where)
         return search_index(self.indexes[target], codes, self.bits, k, radius)
 
 

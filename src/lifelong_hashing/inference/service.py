@@ -30,12 +30,13 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from lifelong_hashing import __version__
 from lifelong_hashing.config import PhotoLimitsConfig, ServingConfig
+from lifelong_hashing.engine.codestore import ItemFilter
 from lifelong_hashing.inference.batching import QueryBatcher
 from lifelong_hashing.inference.retrieval import ModelLoadError, QueryError, RetrievalModel
 from lifelong_hashing.inference.uploads import (
@@ -145,6 +146,28 @@ class Problem(_Strict):
     detail: str
 
 
+class SearchFilter(_Strict):
+    """Which items a search may return (every condition given must hold); the top k is exact
+    within it."""
+
+    any_of: list[Annotated[str, Field(min_length=1)]] = Field(
+        [], max_length=1000, description="items with at least one of these categories")
+    all_of: list[Annotated[str, Field(min_length=1)]] = Field(
+        [], max_length=1000, description="items with every one of these categories")
+    stages: tuple[StrictInt, StrictInt] | None = Field(
+        None, description="[first, last] stage, inclusive (an appended item carries the stage it joined)")
+    id_prefix: str = Field("", max_length=1000, description="items whose id starts with this")
+
+    @model_validator(mode="after")
+    def _ordered_stages(self):
+        if self.stages is not None and self.stages[0] > self.stages[1]:
+            raise ValueError(f"stages [{self.stages[0]}, {self.stages[1]}]: the first is after the last")
+        return self
+
+    def item_filter(self) -> ItemFilter:
+        return ItemFilter(tuple(self.any_of), tuple(self.all_of), self.stages, self.id_prefix)
+
+
 def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watch: bool = True,
                photos: PhotoLimitsConfig | None = None) -> FastAPI:
     """The app serving ``models_dir``'s promoted version; ``photos``: what a photo query may cost."""
@@ -170,6 +193,8 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
         k: StrictInt = Field(10, ge=1, le=cfg.max_k)
         radius: StrictInt | None = Field(None, ge=0, description="only hits within this Hamming distance")
         target: Literal["other", "image", "text", "both"] = "other"
+        filter: SearchFilter | None = Field(None, description="search only the items it lets through "
+                                                              "(multipart: the same object as a JSON string)")
 
     def watch_pointer():
         while not stop.wait(cfg.poll_seconds):
@@ -292,9 +317,12 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
         if hits > cfg.max_hits:
             raise QueryError(f"the request asks for {hits:,} hits (queries × k × targets), over the limit of "
                              f"{cfg.max_hits:,}: send fewer queries or a smaller k")
+        where = query.filter.item_filter() if query.filter else None
+        model.check_filter(where)
         return await batcher.submit(
-            (model, "search", query.modality, query.k, query.radius, targets), x,
-            functools.partial(model.search, query.modality, k=query.k, radius=query.radius, targets=targets),
+            (model, "search", query.modality, query.k, query.radius, targets, where), x,
+            functools.partial(model.search, query.modality, k=query.k, radius=query.radius, targets=targets,
+                              where=where),
             lambda results: _json({"model_version": model.version, "results": results}),
             inline=hits <= cfg.inline_hits and x.dtype != np.uint8)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 
 from lifelong_hashing.engine.batch import shown
 from lifelong_hashing.engine.images import PhotoError, photo_format
@@ -18,6 +19,7 @@ from lifelong_hashing.inference.retrieval import QueryError
 PHOTO_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG"}
 FILE_FIELD = "image"  # the multipart field of the photos, one part per query
 INTEGER_FIELDS = ("k", "radius")
+JSON_FIELDS = ("filter",)  # objects, sent as JSON text in a form field
 
 
 class UnsupportedMedia(ValueError):
@@ -49,17 +51,17 @@ def base64_photos(items: list[str]) -> list[bytes]:
 
 
 async def multipart_query(request, max_files: int) -> tuple[dict, list[bytes]]:
-    """A multipart request's form fields (``k`` and ``radius`` as integers where they are) and its
-    photos, in order; ``modality`` defaults to ``image``."""
+    """A multipart request's form fields (``k`` and ``radius`` as integers where they are, a
+    ``filter`` decoded from JSON) and its photos, in order; ``modality`` defaults to ``image``."""
     try:
-        form = await request.form(max_files=max_files, max_fields=len(INTEGER_FIELDS) + 3)
+        form = await request.form(max_files=max_files, max_fields=len(INTEGER_FIELDS) + len(JSON_FIELDS) + 3)
     except Exception as err:  # noqa: BLE001 - Starlette raises its own types for a malformed body
         raise QueryError(f"malformed multipart body: {shown(err, 120, quoted=False)}") from None
     fields: dict = {"modality": "image"}
     files: list[bytes] = []
     for name, value in form.multi_items():
         if isinstance(value, str):
-            fields[name] = int(value) if name in INTEGER_FIELDS and value.lstrip("-").isdigit() else value
+            fields[name] = _form_value(name, value)
         elif name != FILE_FIELD:
             raise QueryError(f"file part {shown(name)}: photos go in '{FILE_FIELD}' parts")
         else:
@@ -68,6 +70,17 @@ async def multipart_query(request, max_files: int) -> tuple[dict, list[bytes]]:
     if not files:
         raise QueryError(f"no photos: send one or more '{FILE_FIELD}' file parts")
     return fields, files
+
+
+def _form_value(name: str, value: str):
+    if name in INTEGER_FIELDS and value.lstrip("-").isdigit():
+        return int(value)
+    if name in JSON_FIELDS:
+        try:
+            return json.loads(value)
+        except ValueError as err:
+            raise QueryError(f"form field {name!r}: not JSON ({err})") from None
+    return value
 
 
 async def _photo_part(upload, index: int) -> bytes:
@@ -89,6 +102,8 @@ def multipart_schema(json_schema: dict) -> dict:
     """The OpenAPI schema of the multipart form beside a JSON body's schema: its scalar fields,
     plus the photos as binary parts."""
     props = {k: v for k, v in json_schema["properties"].items() if k not in ("features", "words", "images")}
+    props.update({name: {"type": "string", "description": f"the {name} object as JSON text"}
+                  for name in JSON_FIELDS if name in props})
     props[FILE_FIELD] = {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
                          "description": "JPEG or PNG photos (image/jpeg, image/png), one query each"}
     return {"type": "object", "properties": props, "required": [FILE_FIELD],
