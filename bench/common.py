@@ -74,3 +74,13 @@ def write_result(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def timed(fn, repeats: int = 1) -> float:
+    """The fastest of ``repeats`` runs: the least disturbed by the machine's other work."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best

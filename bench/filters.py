@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import timed, write_result  # noqa: E402
 
 from lifelong_hashing.engine.codestore import CodeStore, ItemFilter, pack_codes  # noqa: E402
 from lifelong_hashing.engine.kernels import hamming_topk_kernel  # noqa: E402
@@ -57,16 +56,6 @@ FILTERS = {
     "id prefix (10 %)": ItemFilter(id_prefix="shop3/"),
     "category 10 % and stage 3-4": ItemFilter(any_of=("tenth",), stages=(3, 4)),
 }
-
-
-def timed(fn, repeats: int) -> float:
-    """The fastest of ``repeats`` runs: the least disturbed by the machine's other work."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def gathered(store: CodeStore, queries: np.ndarray, where: ItemFilter) -> tuple[np.ndarray, np.ndarray]:

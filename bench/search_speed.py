@@ -28,7 +28,7 @@ import numba
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_result  # noqa: E402
+from common import RESULTS, timed, write_result  # noqa: E402
 from report import index_row, index_table, search_row, search_table  # noqa: E402
 
 from lifelong_hashing.config import IndexConfig  # noqa: E402
@@ -54,16 +54,6 @@ def popcount_scan(queries, columns):
                 acc += ctpop(a ^ col[j])
         totals[q] = acc
     return totals
-
-
-def timed(fn, repeats: int = 1) -> float:
-    """The fastest of ``repeats`` runs: the least disturbed by the machine's other work."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def float_topk(q_signs, db_signs, k):
