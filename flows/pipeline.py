@@ -23,17 +23,22 @@ from prefect.cache_policies import NO_CACHE
 
 from lifelong_hashing.config import DaskConfig, EvalConfig, Params, add_params_arguments, load_params, parse_overrides
 from lifelong_hashing.engine import sharding
+from lifelong_hashing.engine.requests import REQUEST_SUFFIX
 from lifelong_hashing.engine.runner import Scorer
 from lifelong_hashing.engine.state import save_method
-from lifelong_hashing.operations import pipeline
+from lifelong_hashing.operations import erasure, pipeline
 from lifelong_hashing.operations.registry import Registry
 
 STEP = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
 @task(name="scan incoming", retries=2, retry_delay_seconds=2, **STEP)
-def scan(registry: Registry, params: Params) -> pipeline.Scan:
-    return pipeline.scan_incoming(params.pipeline.incoming, pipeline.read_manifest(registry))
+def scan(registry: Registry, params: Params) -> tuple[pipeline.Scan, pipeline.Scan]:
+    """Deletion requests, then batches."""
+    manifest = pipeline.read_manifest(registry)
+    return (pipeline.scan_incoming(params.pipeline.deletions, manifest, REQUEST_SUFFIX, pipeline.DELETIONS_KEY,
+                                   "deletion request"),
+            pipeline.scan_incoming(params.pipeline.incoming, manifest))
 
 
 @task(name="validate", **STEP)  # no retries: the same bytes get the same verdict
@@ -163,6 +168,11 @@ def train(registry: Registry, arrival: pipeline.Arrival, validation, params: Par
     return candidate
 
 
+@task(name="delete items", **STEP)  # no retries: the same request gets the same verdict
+def delete(registry: Registry, arrival: pipeline.Arrival, params: Params) -> pipeline.Candidate | None:
+    return erasure.delete(registry, arrival, params)
+
+
 @task(name="export onnx", **STEP)
 def export(candidate: pipeline.Candidate, registry: Registry, params: Params) -> pipeline.Candidate:
     return pipeline.export(candidate, registry, params.export, params.serving.index)
@@ -201,49 +211,44 @@ def process_incoming(params_path: str = "params.yaml", overrides: dict | None = 
         healed = pipeline.reconcile_serving(registry)
         if healed:
             logger.warning("serving pointed away from the last recorded version; serving %s again", healed)
-        found = scan(registry, params)
-        for name, why in found.skipped:
-            logger.warning("incoming: %s skipped: %s", pipeline.printable(name), why)
-        for arrival, entry in found.duplicates:
-            logger.info("incoming: %s was already processed (%s as %s); removing the copy",
-                        pipeline.printable(arrival.name), entry.get("tag", "-"),
-                        pipeline.printable(str(entry.get("name"))))
+        requests, found = scan(registry, params)
+        for arrival, entry in [*requests.duplicates, *found.duplicates]:
+            logger.info("%s was already processed (%s as %s); removing the copy", pipeline.printable(arrival.name),
+                        entry.get("tag", "-"), pipeline.printable(str(entry.get("name"))))
             pipeline.retire(arrival)
+        for folder, scanned in (("deletions", requests), ("incoming", found)):
+            for name, why in scanned.skipped:
+                logger.warning("%s: %s skipped: %s", folder, pipeline.printable(name), why)
         cluster = DaskCluster(params.pipeline.dask)  # started only if a batch has work for it
-        try:
-            for arrival in found.pending:
-                outcome = process_batch(arrival, registry, params, cluster)
+        try:  # takedowns first: they are urgent, and a batch after them may carry the ids again
+            for arrival, process in [*((a, process_deletion) for a in requests.pending),
+                                     *((a, process_batch) for a in found.pending)]:
+                outcome = process(arrival, registry, params, cluster)
                 if outcome["status"] == "skipped":
-                    logger.warning("incoming: %s; left for the next run", outcome["reason"])
+                    logger.warning("%s; left for the next run", outcome["reason"])
                     continue
                 outcomes.append(outcome)
-                if outcome["status"] != "failed":  # promoted or quarantined: its failures are history
+                if outcome["status"] != "failed":  # done or quarantined: its failures are history
                     pipeline.forget_attempts(registry, arrival)
         finally:
             cluster.close()
             shutil.rmtree(registry.pinned_dir, ignore_errors=True)
-    if not found.pending:
-        logger.info("incoming: nothing new in %s", params.pipeline.incoming)
-    problems = [f"{pipeline.printable(o['file'])}: {o['reason']}" for o in outcomes if o["status"] != "promoted"]
+    if not found.pending and not requests.pending:
+        logger.info("nothing new in %s or %s", params.pipeline.incoming, params.pipeline.deletions)
+    problems = [f"{pipeline.printable(o['file'])}: {o['reason']}" for o in outcomes
+                if o["status"] not in ("promoted", "unchanged")]
     if problems:
         raise pipeline.BatchRejected("; ".join(problems))
     return outcomes
 
 
 def process_batch(arrival: pipeline.Arrival, registry: Registry, params: Params, cluster: DaskCluster) -> dict:
-    """Pin, validate, train, export, monitor, record and promote one batch. A defect of the
-    batch quarantines it now; any other failure leaves it for the next run, until it is poison
-    (a run killed on it counts: the attempt is counted before the work). A file that changed
-    since the scan is skipped, for the next run to see as it is then."""
-    logger = get_run_logger()
+    """Validate, train, export, monitor, record and promote one batch (``attempt``: pinned first,
+    and what a failure does)."""
     work = registry.batch_work_dir(arrival.key)
     timed = {"timeout_seconds": params.pipeline.step_timeout_seconds}
-    try:
-        earlier = pipeline.start_attempt(registry, arrival)
-        arrival = pipeline.pin(registry, arrival)
-        if len(earlier) >= params.pipeline.max_attempts:
-            return _reject(arrival, params, f"poison: failed {len(earlier)} runs; last: {earlier[-1]}", [],
-                           kind="poison", errors=earlier)
+
+    def steps(arrival: pipeline.Arrival) -> dict:
         validation = validate.with_options(**timed)(registry, arrival, params)
         if not validation.accepted:
             reason = "; ".join(f.line(validation.rows) for f in validation.failures)
@@ -256,18 +261,47 @@ def process_batch(arrival: pipeline.Arrival, registry: Registry, params: Params,
         if candidate.alerts and params.pipeline.block_on_alerts:
             reports = [Path(candidate.validation_dir), Path(candidate.monitor_dir)]
             return _reject(arrival, params, "monitoring alerts: " + "; ".join(candidate.alerts), reports)
-        tag = record(candidate, registry, params)
-        version = Path(candidate.version_dir).name
-        promote(registry, version)
-        if not pipeline.retire(arrival):
-            logger.warning("incoming: %s changed while it was processed; the new content is left for the next run",
-                           pipeline.printable(arrival.name))
+        return record_and_promote(candidate, registry, params)
+
+    return attempt(arrival, registry, params, steps)
+
+
+def process_deletion(arrival: pipeline.Arrival, registry: Registry, params: Params, cluster=None) -> dict:
+    """Erase the items a deletion request names, export, record (purging kept copies) and
+    promote; a request whose ids were all deleted before changes nothing."""
+    timed = {"timeout_seconds": params.pipeline.step_timeout_seconds}
+
+    def steps(arrival: pipeline.Arrival) -> dict:
+        candidate = delete.with_options(**timed)(registry, arrival, params)
+        if candidate is None:
+            pipeline.retire(arrival)
+            get_run_logger().info("%s: every id was deleted before; nothing changed", pipeline.printable(arrival.name))
+            return {"status": "unchanged", "file": arrival.name, "kind": "deletion"}
+        return record_and_promote(export.with_options(**timed)(candidate, registry, params), registry, params)
+
+    return attempt(arrival, registry, params, steps)
+
+
+def attempt(arrival: pipeline.Arrival, registry: Registry, params: Params, steps) -> dict:
+    """Pin ``arrival`` and run ``steps`` on the pinned copy. A defect of the file quarantines it
+    now; any other failure leaves it for the next run, until it is poison (a run killed on it
+    counts: the attempt is counted before the work). A file that changed since the scan is
+    skipped, for the next run to see as it is then."""
+    logger = get_run_logger()
+    work = registry.batch_work_dir(arrival.key)
+    try:
+        earlier = pipeline.start_attempt(registry, arrival)
+        arrival = pipeline.pin(registry, arrival)
+        if len(earlier) >= params.pipeline.max_attempts:
+            return _reject(arrival, params, f"poison: failed {len(earlier)} runs; last: {earlier[-1]}", [],
+                           kind="poison", errors=earlier)
+        return steps(arrival)
     except pipeline.ArrivalChanged as why:
         pipeline.forget_attempts(registry, arrival)
         return {"status": "skipped", "file": arrival.name, "reason": str(why)}
-    except Exception as error:  # noqa: BLE001 - every failure is this batch's outcome; the run goes on
+    except Exception as error:  # noqa: BLE001 - every failure is this file's outcome; the run goes on
         if pipeline.is_batch_defect(error):
-            return _reject(arrival, params, f"batch defect: {error}", [work / "validation"], kind="defect")
+            return _reject(arrival, params, f"defect: {error}", [work / "validation"], kind="defect")
         errors = pipeline.count_failure(registry, arrival, error)
         if len(errors) >= params.pipeline.max_attempts:
             return _reject(arrival, params, f"poison: failed {len(errors)} runs; last: {errors[-1]}",
@@ -280,10 +314,20 @@ def process_batch(arrival: pipeline.Arrival, registry: Registry, params: Params,
                           f"run): {type(error).__name__}: {error}"}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def record_and_promote(candidate: pipeline.Candidate, registry: Registry, params: Params) -> dict:
+    """Record the candidate as a version, serve it, retire its file, publish its artifacts."""
+    tag = record(candidate, registry, params)
+    version = Path(candidate.version_dir).name
+    promote(registry, version)
+    if not pipeline.retire(candidate.arrival):
+        get_run_logger().warning("%s changed while it was processed; the new content is left for the next run",
+                                 pipeline.printable(candidate.arrival.name))
     publish_artifacts(candidate, registry, tag, version)
-    return {"status": "promoted", "file": arrival.name, "kind": candidate.kind, "stage": candidate.stage,
+    return {"status": "promoted", "file": candidate.arrival.name, "kind": candidate.kind, "stage": candidate.stage,
             "version": version, "tag": tag, "new_categories": candidate.new_categories,
-            "shards_on_dask": candidate.shards_on_dask}
+            "shards_on_dask": candidate.shards_on_dask, "items": candidate.items}
 
 
 def _reject(arrival, params: Params, reason: str, reports: list[Path], validation_html: str | None = None,

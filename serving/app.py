@@ -14,5 +14,5 @@ from lifelong_hashing.inference.service import create_app, guarded_protocol
 
 _params = load_params(os.environ.get("LHASH_PARAMS", "params.yaml"))
 app = create_app(os.environ.get("LHASH_MODELS_DIR", _params.export.models_dir), _params.serving,
-                 photos=_params.photos)
+                 photos=_params.photos, deletions=_params.pipeline.deletions)
 http = guarded_protocol(_params.serving)

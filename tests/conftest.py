@@ -68,6 +68,7 @@ def settings(root: Path, **extra) -> dict:
             "model.hidden": [128], "export.int8_min_agreement": None,
             "pipeline.workspace": str(root / "ws"), "pipeline.remote": str(root / "remote"),
             "pipeline.incoming": str(root / "incoming"), "pipeline.quarantine": str(root / "quarantine"),
+            "pipeline.deletions": str(root / "deletions"),
             "validation.reports_dir": str(root / "scratch"), "monitoring.reports_dir": str(root / "scratch"),
             "monitoring.workspace": str(root / "scratch"), **extra}
 
@@ -94,7 +95,9 @@ def running_service(wiki: dict, models: Path, name: str, serving: dict | None = 
     import yaml
 
     port = free_port()
-    params = wiki["params"].model_copy(update={"serving": wiki["params"].serving.model_copy(update=serving or {})})
+    params = wiki["params"].model_copy(update={
+        "serving": wiki["params"].serving.model_copy(update=serving or {}),
+        "pipeline": wiki["params"].pipeline.model_copy(update={"deletions": str(wiki["root"] / f"deletions-{name}")})})
     params_file = wiki["root"] / f"params-{name}.yaml"
     params_file.write_text(yaml.safe_dump(params.model_dump()))
     command = [sys.executable, "-m", "lifelong_hashing.cli", "--params", str(params_file), "serve",

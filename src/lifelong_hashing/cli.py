@@ -65,14 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     mon.add_argument("--stage", type=int, help="which increment (default: the latest)")
     mon.add_argument("--out", help="report folder (default: monitoring.reports_dir/stage-NN)")
     mon.add_argument("--workspace", help="Evidently workspace (default: monitoring.workspace)")
-    erase = sub.add_parser("delete", help="erase items from a state: its code store, memory, kept batches and "
-                                          "reference samples (then lhash export publishes the version without them)")
-    erase.add_argument("--state", required=True, help="state folder, e.g. runs/wikipedia/state")
+    erase = sub.add_parser("delete", help="erase items: a request the next pipeline run carries out (into "
+                                          "pipeline.deletions), or with --state from a state folder now")
+    erase.add_argument("--state", help="a state folder: erase from its code store, memory, kept batches and "
+                                       "reference samples now (then lhash export publishes the version without them)")
     which = erase.add_mutually_exclusive_group(required=True)
     which.add_argument("--ids", nargs="+", help="item ids")
     which.add_argument("--ids-file", help="a text file of item ids, one a line")
-    back = sub.add_parser("rollback", help="serve an earlier pipeline version again (its git tag + dvc checkout)")
+    back = sub.add_parser("rollback", help="serve an earlier pipeline version again (its git tag + dvc checkout); "
+                                           "not one recorded before an erasure")
     back.add_argument("tag", help="e.g. model-v2 (git tag in pipeline.workspace)")
+    sub.add_parser("purge", help="after an erasure: remove from the workspace's DVC cache and remote every object "
+                                 "the commits since the latest erasure do not use (irreversible)")
     find = sub.add_parser("search", help="query a running service, a models folder or a state folder")
     where = find.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="a running service, e.g. http://127.0.0.1:8000")
@@ -129,17 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, parse_overrides(args.set))
         if args.command in ("export", "promote", "serve", "search"):
             return _production_command(args, params)
-        if args.command == "rollback":
-            from lifelong_hashing.operations.registry import Registry
-
-            registry = Registry.from_params(params)
-            with registry.acquire(params.pipeline.lock_timeout_seconds):
-                recovered = registry.recover()  # a run that stopped midway leaves nothing to roll back over
-                if recovered:
-                    print(f"{registry.root}: the last pipeline run stopped midway: {recovered}", file=sys.stderr)
-                version = registry.rollback(args.tag)
-            print(f"{registry.root}: restored {args.tag}; serving {version} from {registry.models_dir}")
-            return 0
+        if args.command in ("rollback", "purge"):
+            return _workspace_command(args, params)
         if args.command in ("validate", "monitor", "delete"):
             return _data_command(args, params)
         if args.command == "run":
@@ -184,18 +179,38 @@ def _data_command(args, params) -> int:
     return 0 if report.ok else 1
 
 
+def _workspace_command(args, params) -> int:
+    """rollback and purge, on the pipeline's workspace, with its lock held."""
+    from lifelong_hashing.operations import erasure
+    from lifelong_hashing.operations.registry import Registry
+
+    registry = Registry.from_params(params)
+    with registry.acquire(params.pipeline.lock_timeout_seconds):
+        recovered = registry.recover()  # a run that stopped midway leaves nothing to act over
+        if recovered:
+            print(f"{registry.root}: the last pipeline run stopped midway: {recovered}", file=sys.stderr)
+        if args.command == "purge":
+            print(f"{registry.root}: {erasure.purge_history(registry)}")
+            return 0
+        version = erasure.rollback(registry, args.tag)
+    print(f"{registry.root}: restored {args.tag}; serving {version} from {registry.models_dir}")
+    return 0
+
+
 def _delete(args, params) -> int:
+    """On a state folder (``--state``), now; else a deletion request for the pipeline."""
+    from lifelong_hashing.engine.requests import read_deletion_ids, write_deletion_request
+
+    ids = read_deletion_ids(args.ids_file, args.ids_file) if args.ids_file else args.ids
+    if not args.state:
+        request = write_deletion_request(params.pipeline.deletions, ids)
+        print(f"{request}: a request to erase {len(set(ids)):,} items; the next pipeline run erases them and "
+              "publishes a version without them")
+        return 0
     from lifelong_hashing.engine.runner import delete_items
     from lifelong_hashing.engine.state import load_state, save_state
     from lifelong_hashing.operations.pipeline import evaluation_queries
 
-    if args.ids_file:
-        try:
-            ids = [line.strip() for line in Path(args.ids_file).read_text().splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as err:
-            raise BatchError(args.ids_file, "file", f"cannot read ids: {err}") from err
-    else:
-        ids = args.ids
     state = load_state(args.state)
     counts = delete_items(state, ids, evaluation_queries(state.params))
     save_state(state, args.state)
@@ -237,7 +252,8 @@ def _production_command(args, params) -> int:
         from lifelong_hashing.inference.service import create_app, run_server
 
         cfg = params.serving
-        run_server(create_app(models, cfg, photos=params.photos), cfg, args.host or cfg.host, args.port or cfg.port)
+        app = create_app(models, cfg, photos=params.photos, deletions=params.pipeline.deletions)
+        run_server(app, cfg, args.host or cfg.host, args.port or cfg.port)
     else:
         _search(args, params)
     return 0

@@ -267,6 +267,10 @@ class PipelineConfig(_Strict):
 
     incoming: str = "data/incoming"  # drop batch .npz files here
     quarantine: str = "data/quarantine"  # rejected batches, each with its validation report
+    deletions: str = "data/deletions"  # drop .txt files of item ids (one a line) to erase those items
+    # A batch item whose id is stored already: "reject" the batch (quarantined, naming the id), or
+    # "replace" the item (old code removed, the new one appended; counted as items_replaced)
+    repeated_ids: Literal["reject", "replace"] = "reject"
     workspace: str = "runs/pipeline"  # git + DVC repository: state, models, batches, reports, metrics
     remote: str = "runs/dvc-remote"  # DVC remote: a folder (created on first use) or any DVC URL
     queries: str | None = None  # evaluation queries (a batch .npz); null: the dataset's query split

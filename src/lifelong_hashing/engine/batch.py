@@ -29,6 +29,7 @@ OPTIONAL_FIELDS = ("new_categories", "labelled")
 # Photos in place of ``image`` (images.py reads them): encoded JPEG/PNG files, concatenated, and
 # the offsets that cut them apart (docs/data.md, "Photos").
 PHOTO_FIELDS = ("image_files", "image_file_offsets")
+PER_ITEM_FIELDS = ("ids", "image", "text", "labels", "labelled")  # one row per item
 
 
 def shown(text: str, limit: int = 60, quoted: bool = True) -> str:
@@ -352,6 +353,29 @@ def read_batch_arrays(path: str | os.PathLike, max_rows: int | None = None, max_
         raise BatchError(str(path), "image", "missing from file: a batch carries image features or pixels "
                                              f"('image') or photo files ('{PHOTO_FIELDS[0]}')")
     return arrays
+
+
+def erase_from_batch_file(path: str | os.PathLike, ids) -> int:
+    """Rewrite a batch file without the items ``ids`` (every per-item array, photo files
+    included), atomically; the file is left as it is when it holds none of them. Returns how
+    many items went. Erasure's reach into the batches a workspace or quarantine keeps."""
+    from lifelong_hashing.engine.images import FILES_KEY, OFFSETS_KEY, pack_files, split_files
+
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    n = len(arrays["ids"])
+    gone = np.isin(arrays["ids"].astype(str), np.asarray(list(ids), dtype=str))
+    if not gone.any():
+        return 0
+    out = {}
+    for key, value in arrays.items():
+        if key == FILES_KEY:
+            files = split_files(value, arrays[OFFSETS_KEY], n, str(path))
+            out.update(pack_files([f for f, erased in zip(files, gone, strict=True) if not erased]))
+        elif key != OFFSETS_KEY:
+            out[key] = value[~gone] if value.ndim and len(value) == n and key in PER_ITEM_FIELDS else value
+    write_npz(path, out, compress=True)
+    return int(gone.sum())
 
 
 def load_batch(path: str | os.PathLike, max_rows: int | None = None, max_bytes: int | None = None,

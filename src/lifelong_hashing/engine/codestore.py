@@ -85,15 +85,17 @@ class ItemFilter:
     """Which stored items a search may return: all its conditions hold. ``any_of``: at least one
     of these categories; ``all_of``: every one of them; ``stages``: a stage index within
     (first, last), inclusive (appended items carry the stage they joined); ``id_prefix``: ids
-    starting with it. Hashable, so requests with the same filter can share a batch."""
+    starting with it; ``exclude``: ids never to return (the service's items awaiting erasure).
+    Hashable, so requests with the same filter can share a batch."""
 
     any_of: tuple[str, ...] = ()
     all_of: tuple[str, ...] = ()
     stages: tuple[int, int] | None = None
     id_prefix: str = ""
+    exclude: frozenset[str] = frozenset()
 
     def __bool__(self) -> bool:
-        return bool(self.any_of or self.all_of or self.stages is not None or self.id_prefix)
+        return bool(self.any_of or self.all_of or self.stages is not None or self.id_prefix or self.exclude)
 
     def allowed(self, store: CodeStore) -> np.ndarray:
         """(n,) bool: the store's items this filter lets through. A category the store does not
@@ -107,6 +109,8 @@ class ItemFilter:
             keep &= (store.stage >= first) & (store.stage <= last)
         if self.id_prefix:
             keep &= store.id_prefix_mask(self.id_prefix)
+        if self.exclude:
+            keep[store.rows_present(self.exclude)] = False
         return keep
 
 
@@ -260,13 +264,26 @@ class CodeStore:
             raise CodeStoreError(f"unknown categories {unknown[:5]}; the store has {list(self.categories)}")
         return [self.categories.index(n) for n in names]
 
-    def id_prefix_mask(self, prefix: str) -> np.ndarray:
-        """(n,) bool, ids starting with ``prefix``: a range of the sorted ids (kept with the
-        store's derived data), not a string comparison per item."""
+    def _id_order(self) -> tuple[np.ndarray, np.ndarray]:
+        """The store's rows in id order and the ids in that order (kept with the derived data)."""
         if "id_order" not in self._derived:
             order = np.argsort(self.ids, kind="stable")
             self._derived["id_order"] = order, self.ids[order]
-        order, ordered = self._derived["id_order"]
+        return self._derived["id_order"]
+
+    def rows_present(self, ids) -> np.ndarray:
+        """The rows of those of ``ids`` that are stored (the others are left out), by binary search."""
+        if not len(self):
+            return np.empty(0, np.int64)
+        order, ordered = self._id_order()
+        ids = np.asarray(sorted(ids), dtype=str)
+        at = np.minimum(np.searchsorted(ordered, ids), len(self) - 1)
+        return order[at[ordered[at] == ids]]
+
+    def id_prefix_mask(self, prefix: str) -> np.ndarray:
+        """(n,) bool, ids starting with ``prefix``: a range of the sorted ids, not a string
+        comparison per item."""
+        order, ordered = self._id_order()
         lo, hi = np.searchsorted(ordered, [prefix, prefix + "\U0010ffff"])
         mask = np.zeros(len(self), bool)
         mask[order[lo:hi]] = True

@@ -115,16 +115,18 @@ def pack_files(files: list[bytes] | tuple[bytes, ...]) -> dict[str, np.ndarray]:
     return {FILES_KEY: np.frombuffer(b"".join(files), np.uint8), OFFSETS_KEY: offsets}
 
 
-def save_photos(path: Path, files: tuple[bytes, ...]) -> Path:
-    return write_npz(path, pack_files(files))
+def save_photos(path: Path, files: tuple[bytes, ...], ids: tuple[str, ...]) -> Path:
+    return write_npz(path, {**pack_files(files), "ids": np.asarray(ids, dtype=str)})
 
 
-def load_photos(path: Path) -> tuple[bytes, ...]:
-    """The encoded photos ``save_photos`` wrote; none when there is no such file."""
+def load_photos(path: Path) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
+    """The encoded photos ``save_photos`` wrote and their items' ids (none for a file written
+    before photos carried them); none when there is no such file."""
     if not path.exists():
-        return ()
-    arrays = read_npz(path, list(PHOTO_FIELDS))
-    return tuple(split_files(arrays[FILES_KEY], arrays[OFFSETS_KEY], len(arrays[OFFSETS_KEY]) - 1, str(path)))
+        return (), ()
+    arrays = read_npz(path, list(PHOTO_FIELDS), ("ids",))
+    files = tuple(split_files(arrays[FILES_KEY], arrays[OFFSETS_KEY], len(arrays[OFFSETS_KEY]) - 1, str(path)))
+    return files, tuple(arrays.get("ids", np.empty(0, str)).tolist())
 
 
 def photo_column(arrays: dict[str, np.ndarray], source: str) -> list[bytes] | np.ndarray | None:

@@ -26,11 +26,11 @@ from lifelong_hashing.engine.metrics import (
     stage_task_matrix,
 )
 from lifelong_hashing.engine.report import format_table
+from lifelong_hashing.engine.requests import deleted_id_hash
 from lifelong_hashing.engine.stages import Stage, StagePlan, plan_stages, queries_by_task
 from lifelong_hashing.engine.state import (
     TIMING_KEYS,
     RunState,
-    deleted_id_hash,
     load_state,
     new_state,
     runtime_info,
@@ -116,27 +116,55 @@ def append_known(state: RunState, batch: Batch, queries: Batch, scorer: Scorer =
 
 def delete_items(state: RunState, ids, queries: Batch, scorer: Scorer = query_scores) -> dict:
     """Erase items: from the code store, from what the method keeps of them (exemplars, the joint
-    baseline's batches) and from the reference profile's samples, then refresh the latest stage's
-    evaluation as an append does. An id deleted before is skipped (deleting is idempotent: the
-    state keeps a hash of each deleted id, never the id); one that was never stored is an error
-    naming it, and nothing changes. Returns what went where."""
+    baseline's batches), from the reference profile's samples and from the photos kept for export
+    parity, then refresh the latest stage's evaluation as an append does. An id deleted before
+    and not stored again is skipped (deleting is idempotent: the state keeps a hash of each
+    deleted id, never the id); one that was never stored is an error naming it, and nothing
+    changes. Returns what went where."""
     ids = np.unique(np.asarray(ids).astype(str))
-    fresh = np.array([i for i in ids if deleted_id_hash(i) not in state.deleted], dtype=str)
-    unknown = np.setdiff1d(fresh, state.store.ids)
+    stored = np.isin(ids, state.store.ids)
+    before = np.array([deleted_id_hash(i) in state.deleted for i in ids], bool)
+    unknown = ids[~stored & ~before]
     if unknown.size:
         more = f" and {unknown.size - 5:,} more" if unknown.size > 5 else ""
         raise CodeStoreError(f"ids not in the store: {', '.join(map(shown, unknown[:5].tolist()))}{more}; "
                              "nothing was deleted")
-    counts = {"requested": len(ids), "already_deleted": len(ids) - len(fresh), "deleted": 0}
+    fresh = ids[stored]
+    counts = {"requested": len(ids), "already_deleted": int((~stored).sum()), "deleted": 0}
     if len(fresh):
         counts.update(deleted=state.store.remove(fresh), memory_rows=state.method.forget(fresh),
-                      reference_rows=state.reference.remove(fresh))
+                      reference_rows=state.reference.remove(fresh), photos=_forget_photos(state, fresh))
         state.deleted |= {deleted_id_hash(i) for i in fresh}
         record = state.history[-1]
         record.update(evaluate_stage(state.method, state.store, queries, stage_groups(state), state.params, scorer))
         record["database_size"] = len(state.store)
         record["items_deleted"] = record.get("items_deleted", 0) + counts["deleted"]
     return counts
+
+
+def remove_for_update(state: RunState, ids) -> int:
+    """Take out the stored items among ``ids`` that a batch sends again, so that its new codes
+    replace them (``pipeline.repeated_ids: replace``): their codes, memory rows, reference
+    samples and photos go, as in a deletion, but they leave no tombstone. How many."""
+    present = state.store.ids[state.store.rows_present(np.asarray(ids).astype(str).tolist())]
+    if not len(present):
+        return 0
+    state.method.forget(present)
+    state.reference.remove(present)
+    _forget_photos(state, present)
+    return state.store.remove(present)
+
+
+def _forget_photos(state: RunState, ids: np.ndarray) -> int:
+    """Drop the deleted items' photos from the export-parity sample; a sample saved before photos
+    carried ids goes whole (it cannot tell whose they are). How many went."""
+    if not state.photos:
+        return 0
+    erased = set(ids.tolist())
+    keep = [i for i, item in enumerate(state.photo_ids) if item not in erased]
+    gone = len(state.photos) - len(keep)
+    state.photos, state.photo_ids = tuple(state.photos[i] for i in keep), tuple(state.photo_ids[i] for i in keep)
+    return gone
 
 
 def run_stage(state: RunState, plan: StagePlan) -> dict:

@@ -13,7 +13,6 @@ the state directory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -45,6 +44,7 @@ class RunState:
     timings: list[dict] = field(default_factory=list)  # seconds per trained stage (not part of the state)
     text_vocabulary: dict | None = None  # words and idf of the text columns, read once at stage 0
     photos: tuple[bytes, ...] = ()  # photo models: a few encoded photos of the latest batch (export parity)
+    photo_ids: tuple[str, ...] = ()  # their items' ids (erasure takes a deleted item's photo too)
     deleted: set[str] = field(default_factory=set)  # deleted_id_hash of every deleted item
 
     @property
@@ -53,12 +53,6 @@ class RunState:
 
 
 TIMING_KEYS = ("train_seconds", "encode_seconds")
-
-
-def deleted_id_hash(item_id: str) -> str:
-    """What the state remembers of a deleted item: enough to make a repeated deletion a no-op,
-    nothing that names it."""
-    return hashlib.sha256(item_id.encode()).hexdigest()
 
 
 def timings_path(directory: str | Path) -> Path:
@@ -93,7 +87,7 @@ def save_state(state: RunState, directory: str | Path) -> Path:
         state.store.save(tmp / "codes.npz")
         state.reference.save(tmp / "reference.npz")
         if state.photos:
-            save_photos(tmp / "photos.npz", state.photos)
+            save_photos(tmp / "photos.npz", state.photos, state.photo_ids)
         write_json(tmp / "state.json", {
             "project_version": __version__, "method": state.method.name, "stage": state.stage,
             "categories": list(state.method.categories), "bits": state.params.model.bits,
@@ -156,4 +150,4 @@ def load_state(directory: str | Path) -> RunState:
     timings = timings_path(directory)
     return RunState(params, method, store, record["history"], ReferenceProfile.load(directory / "reference.npz"),
                     json.loads(timings.read_text()) if timings.exists() else [], record.get("text_vocabulary"),
-                    load_photos(directory / "photos.npz"), set(record.get("deleted_ids_sha256", [])))
+                    *load_photos(directory / "photos.npz"), set(record.get("deleted_ids_sha256", [])))

@@ -285,6 +285,7 @@ def publish(state: RunState, models_dir: str | Path, cfg: ExportConfig, number: 
             "categories": list(method.categories), "vocabulary_hash": vocabulary_hash(method.categories),
             "database_size": len(state.store), **report,
             "text_vocabulary": state.text_vocabulary,
+            **({"deleted_ids_sha256": sorted(state.deleted)} if state.deleted else {}),
         }
         write_json(tmp / "manifest.json", manifest)
         tmp.rename(root / name)

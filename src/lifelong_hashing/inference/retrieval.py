@@ -88,6 +88,7 @@ class RetrievalModel:
         if self.manifest.get("version") != self.path.name:
             raise ModelLoadError(f"{self.path}: its manifest names version {self.manifest.get('version')} "
                                  "(a copied folder?)")
+        self.deleted = frozenset(self.manifest.get("deleted_ids_sha256", ()))  # sha256 of ids erased before
         vocab = self.manifest.get("text_vocabulary")
         self.vocabulary = TextVocabulary(**vocab) if vocab else None
         self.self_check()

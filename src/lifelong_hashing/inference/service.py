@@ -16,6 +16,7 @@ of ``serving.allowed_hosts``.
 
 
 import asyncio
+import dataclasses
 import functools
 import hmac
 import json
@@ -36,7 +37,9 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from lifelong_hashing import __version__
 from lifelong_hashing.config import PhotoLimitsConfig, ServingConfig
+from lifelong_hashing.engine.batch import BatchError, shown
 from lifelong_hashing.engine.codestore import ItemFilter
+from lifelong_hashing.engine.requests import deleted_id_hash, pending_deletion_ids, write_deletion_request
 from lifelong_hashing.inference.batching import QueryBatcher
 from lifelong_hashing.inference.retrieval import ModelLoadError, QueryError, RetrievalModel
 from lifelong_hashing.inference.uploads import (
@@ -61,6 +64,8 @@ class ModelHolder:
     def __init__(self, models_dir: str | Path, encoder_threads: int = 0, photo_limits: PhotoLimitsConfig | None = None):
         self.models_dir, self.encoder_threads, self.photo_limits = Path(models_dir), encoder_threads, photo_limits
         self.model: RetrievalModel | None = None
+        self.hidden: frozenset[str] = frozenset()  # served ids awaiting erasure: never returned
+        self.submitted: set[str] = set()  # ids this process asked to erase
         self.seen: tuple | None = None  # (pointer name, fingerprint of its files) last acted on
         self.last_error: str | None = None
         self.fallback: str | None = None
@@ -93,6 +98,19 @@ class ModelHolder:
             if self.model is None:
                 return self._fall_back(error)
             return False
+
+    def hide(self, pending: set[str]) -> None:
+        """Hide the served items that deletion requests name (``pending``: those waiting in the
+        deletions folder, read before the model was refreshed; plus what this process submitted),
+        until a version without them is served: the pipeline retires a request only after
+        promoting that version, so reading the requests first never uncovers an erased item."""
+        model = self.model
+        if model is None:
+            return
+        wanted = pending | self.submitted
+        present = model.store.ids[model.store.rows_present(wanted)] if wanted else []
+        self.submitted &= set(present)
+        self.hidden = frozenset(present)
 
     def _serve(self, model: RetrievalModel, fallback: str | None) -> bool:
         self.model, self.fallback = model, fallback
@@ -146,6 +164,19 @@ class Problem(_Strict):
     detail: str
 
 
+class DeleteRequest(_Strict):
+    ids: list[Annotated[str, Field(min_length=1, max_length=1000)]] = Field(
+        min_length=1, max_length=10_000, description="ids of stored items to erase")
+
+
+class DeleteResponse(_Strict):
+    request: str | None = Field(description="the deletion request's file name in the pipeline's deletions folder "
+                                            "(none when every id was erased before)")
+    ids: int = Field(description="ids in the request")
+    hidden: int = Field(description="of them, served items now hidden from every search until erased")
+    already_deleted: int = Field(description="of them, erased before (skipped)")
+
+
 class SearchFilter(_Strict):
     """Which items a search may return (every condition given must hold); the top k is exact
     within it."""
@@ -169,10 +200,13 @@ class SearchFilter(_Strict):
 
 
 def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watch: bool = True,
-               photos: PhotoLimitsConfig | None = None) -> FastAPI:
-    """The app serving ``models_dir``'s promoted version; ``photos``: what a photo query may cost."""
+               photos: PhotoLimitsConfig | None = None, deletions: str | Path | None = None) -> FastAPI:
+    """The app serving ``models_dir``'s promoted version; ``photos``: what a photo query may cost;
+    ``deletions``: the pipeline's folder of deletion requests (``POST /delete`` writes there, and
+    the items they name are hidden until erased)."""
     cfg = cfg or ServingConfig()
     holder = ModelHolder(models_dir, cfg.encoder_threads, photos)
+    deletions = Path(deletions) if deletions is not None else None
     stop = threading.Event()
     batcher: QueryBatcher | None = None
 
@@ -196,17 +230,23 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
         filter: SearchFilter | None = Field(None, description="search only the items it lets through "
                                                               "(multipart: the same object as a JSON string)")
 
+    def follow():
+        """The pending deletion requests, then the promoted version (in that order: ``hide``)."""
+        pending = pending_deletion_ids(deletions) if deletions is not None else set()
+        holder.refresh()
+        holder.hide(pending)
+
     def watch_pointer():
         while not stop.wait(cfg.poll_seconds):
             try:
-                holder.refresh()
+                follow()
             except OSError as err:  # a version folder being replaced mid-read: the next poll sees it whole
                 log.warning("cannot read the model pointer: %s", err)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         nonlocal batcher
-        holder.refresh()
+        follow()
         batcher = QueryBatcher(cfg.search_threads, max_rows=cfg.max_queries, inline_rows=cfg.inline_rows)
         thread = threading.Thread(target=watch_pointer, name="model-watcher", daemon=True)
         if watch:
@@ -319,12 +359,41 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
                              f"{cfg.max_hits:,}: send fewer queries or a smaller k")
         where = query.filter.item_filter() if query.filter else None
         model.check_filter(where)
+        if holder.hidden:
+            where = dataclasses.replace(where or ItemFilter(), exclude=holder.hidden)
         return await batcher.submit(
             (model, "search", query.modality, query.k, query.radius, targets, where), x,
             functools.partial(model.search, query.modality, k=query.k, radius=query.radius, targets=targets,
                               where=where),
             lambda results: _json({"model_version": model.version, "results": results}),
             inline=hits <= cfg.inline_hits and x.dtype != np.uint8)
+
+    @app.post("/delete", status_code=202, responses=problems)
+    def delete(body: DeleteRequest) -> DeleteResponse:
+        """Ask the pipeline to erase items: a deletion request goes into its deletions folder,
+        and the items are hidden from every search at once, until a version without them is
+        served. An id that is neither served nor erased before is a 422, and nothing is asked."""
+        if deletions is None:
+            raise _Unavailable("deletion requests are not configured (pipeline.deletions)")
+        model = served()
+        stored = set(model.store.ids[model.store.rows_present(body.ids)].tolist())
+        erased = {i for i in body.ids if i not in stored and deleted_id_hash(i) in model.deleted}
+        unknown = [i for i in dict.fromkeys(body.ids) if i not in stored and i not in erased]
+        if unknown:
+            more = f" and {len(unknown) - 5:,} more" if len(unknown) > 5 else ""
+            raise QueryError(f"ids not in the catalogue: {', '.join(map(shown, unknown[:5]))}{more}; nothing was "
+                             "requested")
+        if not stored:  # every one erased before: nothing to ask
+            return DeleteResponse(request=None, ids=len(set(body.ids)), hidden=0, already_deleted=len(erased))
+        try:
+            request = write_deletion_request(deletions, list(dict.fromkeys(body.ids)))
+        except BatchError as err:
+            raise QueryError(str(err)) from None
+        holder.submitted |= stored
+        holder.hide(pending_deletion_ids(deletions))
+        log.info("deletion request %s: %d ids (%d already erased)", request.name, len(body.ids), len(erased))
+        return DeleteResponse(request=request.name, ids=len(set(body.ids)), hidden=len(stored),
+                              already_deleted=len(erased))
 
     return app
 

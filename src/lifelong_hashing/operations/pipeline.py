@@ -44,7 +44,14 @@ from lifelong_hashing.engine.datasets import load_dataset
 from lifelong_hashing.engine.images import PhotoReader
 from lifelong_hashing.engine.methods.base import DatabaseEncoder, encode_here
 from lifelong_hashing.engine.metrics import DIRECTIONS, query_scores
-from lifelong_hashing.engine.runner import Scorer, append_known, history_summary, learn_stage, write_plots
+from lifelong_hashing.engine.runner import (
+    Scorer,
+    append_known,
+    history_summary,
+    learn_stage,
+    remove_for_update,
+    write_plots,
+)
 from lifelong_hashing.engine.stages import Stage
 from lifelong_hashing.engine.state import RunState, load_state, new_state, save_state, timings_path
 from lifelong_hashing.files import atomic_write, sha256_of, write_json, write_text
@@ -53,6 +60,7 @@ from lifelong_hashing.operations.registry import Registry, version_tag
 from lifelong_hashing.operations.validation import BatchExpectations, ValidationResult, validate_batch
 
 MANIFEST_KEY = "batches"
+DELETIONS_KEY = "deletions"
 
 
 class BatchRejected(RuntimeError):
@@ -128,6 +136,8 @@ class Candidate:
     monitor_dir: str = ""
     alerts: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    erased: list[str] = field(default_factory=list, repr=False)  # a deletion's ids: purged from kept files
+    replaced: int = 0  # stored items the batch updated (pipeline.repeated_ids: replace)
 
     @property
     def state_dir(self) -> Path:
@@ -161,15 +171,17 @@ def reconcile_serving(registry: Registry) -> str | None:
     return recorded
 
 
-def scan_incoming(incoming: str | Path, manifest: dict) -> Scan:
-    """Fingerprint each batch file directly inside ``incoming``; the manifest says which are done.
+def scan_incoming(incoming: str | Path, manifest: dict, suffix: str = ".npz", key: str = MANIFEST_KEY,
+                  kind: str = "batch file") -> Scan:
+    """Fingerprint each ``suffix`` file directly inside ``incoming`` (batch files; deletion
+    requests with their suffix, manifest ``key`` and ``kind``); the manifest says which are done.
     Symbolic links are never followed, so no name can lead outside the folder."""
     incoming = Path(incoming)
     incoming.mkdir(parents=True, exist_ok=True)
-    done = manifest.get(MANIFEST_KEY, {})
+    done = manifest.get(key, {})
     found, skipped = [], []
     for entry in incoming.iterdir():
-        why = _not_a_batch(entry)
+        why = _not_an_arrival(entry, suffix, kind)
         if why:
             skipped.append((entry.name, why))
             continue
@@ -188,8 +200,8 @@ def scan_incoming(incoming: str | Path, manifest: dict) -> Scan:
     return Scan(pending, duplicates, sorted(skipped))
 
 
-def _not_a_batch(entry: Path) -> str | None:
-    """Why an entry of the incoming folder is not read as a batch, or None if it is one."""
+def _not_an_arrival(entry: Path, suffix: str, kind: str) -> str | None:
+    """Why an entry of a watched folder is not read, or None if it is to be."""
     if entry.name.startswith("."):
         return "hidden (partial uploads and editor files are left alone)"
     if entry.is_symlink():
@@ -198,8 +210,8 @@ def _not_a_batch(entry: Path) -> str | None:
         return "a folder"
     if not entry.is_file():
         return "not a regular file"
-    if entry.suffix != ".npz":
-        return "not a batch file (.npz)"
+    if entry.suffix != suffix:
+        return f"not a {kind} ({suffix})"
     return None
 
 
@@ -208,7 +220,7 @@ def pin(registry: Registry, arrival: Arrival) -> Arrival:
     later step reads exactly these bytes, whatever happens to the incoming file meanwhile.
     Raises ``ArrivalChanged`` when the file is gone, or is not what the scan hashed."""
     registry.pinned_dir.mkdir(parents=True, exist_ok=True)
-    target = registry.pinned_dir / f"{arrival.key}.npz"
+    target = registry.pinned_dir / f"{arrival.key}{arrival.path.suffix}"
     digest = hashlib.sha256()
     try:
         fd = os.open(arrival.path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -242,7 +254,8 @@ def validate(registry: Registry, arrival: Arrival, params: Params) -> Validation
     """The batch against the current model, or before the first one against what params ask for
     (a photo model reads photos from the first batch on)."""
     state = current_state(registry)
-    expected = BatchExpectations.from_state(state) if state else BatchExpectations.none(PhotoReader.from_params(params))
+    expected = (BatchExpectations.from_state(state, params.pipeline.repeated_ids) if state
+                else BatchExpectations.none(PhotoReader.from_params(params)))
     config = params.validation
     out = registry.batch_work_dir(arrival.key) / "validation"
     return validate_batch(arrival.pinned, expected, config, out, sha256=arrival.sha256, source=arrival.name)
@@ -264,7 +277,8 @@ def quarantine(arrival: Arrival, quarantine_dir: str | Path, reason: str, report
             shutil.copytree(report, partial / report.name)
     write_json(partial / "reason.json", {"file": arrival.name, "sha256": arrival.sha256, "size": arrival.size,
                                          "kind": kind, "reason": reason, "errors": errors or []})
-    shutil.copyfile(arrival.pinned or arrival.path, partial / "batch.npz")
+    kept_as = "batch.npz" if arrival.path.suffix == ".npz" else f"request{arrival.path.suffix}"
+    shutil.copyfile(arrival.pinned or arrival.path, partial / kept_as)
     partial.rename(dest)
     retire(arrival)
     return dest
@@ -320,7 +334,7 @@ def _read_attempts(registry: Registry) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _average_map(record: dict) -> dict:
+def map_by_direction(record: dict) -> dict:
     return {d: float(record[d]["map_all"]) for d in DIRECTIONS}
 
 
@@ -335,11 +349,13 @@ def train(registry: Registry, arrival: Arrival, validation: ValidationResult, pa
     batch = validation.batch  # the pinned bytes as validation loaded them
     if state is None:
         state = new_state(params, batch.image.shape[1:], batch.text.shape[1])
-    before = _average_map(state.history[-1]) if state.history else None
+    before = map_by_direction(state.history[-1]) if state.history else None
     queries = evaluation_queries(params)
     start = time.perf_counter()
     batch = batch.for_model(state.method.categories)  # as validation built it
-    state.photos = validation.photos or state.photos
+    if validation.photos:  # the sample is the batch's first photos
+        state.photos, state.photo_ids = validation.photos, tuple(batch.ids[:len(validation.photos)].tolist())
+    replaced = remove_for_update(state, batch.ids)  # validation let them through: repeated_ids is replace
     if validation.new_categories:
         stage = Stage(state.stage + 1, tuple(validation.new_categories), batch.categories, batch)
         record = learn_stage(state, stage, queries, scorer, encoder)
@@ -347,12 +363,14 @@ def train(registry: Registry, arrival: Arrival, validation: ValidationResult, pa
     else:
         record = append_known(state, batch, queries, scorer, encoder)
         kind = "append"
+    if replaced:  # the one place a stored item's code changes: counted as such
+        state.history[-1]["items_replaced"] = state.history[-1].get("items_replaced", 0) + replaced
     work = registry.batch_work_dir(arrival.key)
     save_state(state, work / "state")
     return Candidate(arrival, kind, state.method.name, state.stage, list(validation.new_categories), len(batch),
                      work, before,
-                     _average_map(record), {"train": time.perf_counter() - start},
-                     validation_dir=str(work / "validation"))
+                     map_by_direction(record), {"train": time.perf_counter() - start},
+                     validation_dir=str(work / "validation"), replaced=replaced)
 
 
 def export(candidate: Candidate, registry: Registry, config: ExportConfig, index: IndexConfig) -> Candidate:
@@ -395,29 +413,16 @@ def record(candidate: Candidate, registry: Registry, params: Params) -> str:
         shutil.move(timings_path(candidate.state_dir), timings_path(registry.state_dir))  # git, not DVC
         registry.versions_dir.mkdir(parents=True, exist_ok=True)
         shutil.move(version, registry.versions_dir / version.name)
-        _move_tree(Path(candidate.validation_dir), registry.validation_reports_dir(candidate.arrival.key))
-        if candidate.monitor_dir:
-            target = registry.monitoring_report_dir(candidate.stage)
-            _move_tree(Path(candidate.monitor_dir), target)
-            from lifelong_hashing.operations.monitoring import SNAPSHOT_FILE, add_to_workspace
+        if candidate.erased:
+            from lifelong_hashing.operations.erasure import erase_kept_copies
 
-            add_to_workspace(target, registry.evidently_workspace, params.monitoring.project)
-            (target / SNAPSHOT_FILE).unlink()  # the workspace holds it now; no second 20 MB copy
-        registry.batches_dir.mkdir(exist_ok=True)
-        shutil.copyfile(candidate.arrival.pinned, registry.batches_dir / f"{candidate.arrival.key}.npz")
+            erase_kept_copies(registry, params, candidate.erased, version.name)
+        else:
+            _keep_batch_and_reports(candidate, registry, params)
         write_metrics(registry, recorded_history(registry), version.name, candidate.method)
         write_text(registry.root / "params.yaml", yaml.safe_dump(params.model_dump(), sort_keys=False))
-        manifest = read_manifest(registry)
-        manifest[MANIFEST_KEY][candidate.arrival.sha256] = {
-            "name": candidate.arrival.name, "version": version.name, "tag": version_tag(number),
-            "kind": candidate.kind, "stage": candidate.stage, "items": candidate.items,
-            "new_categories": candidate.new_categories,
-            "processed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        write_json(registry.manifest_path, manifest)
-        message = (f"{version.name}: {candidate.kind} of {printable(candidate.arrival.name)} ({candidate.items} items"
-                   + (f", new categories {', '.join(candidate.new_categories)}" if candidate.new_categories else "")
-                   + ")")
-        tag = registry.record(number, message, params.pipeline.push_retries)
+        _add_to_manifest(candidate, registry, version.name, number)
+        tag = registry.record(number, _commit_message(candidate, version.name), params.pipeline.push_retries)
     except BaseException:
         registry.restore()
         registry.finish()
@@ -425,6 +430,39 @@ def record(candidate: Candidate, registry: Registry, params: Params) -> str:
     registry.finish()
     shutil.rmtree(candidate.work, ignore_errors=True)
     return tag
+
+
+def _keep_batch_and_reports(candidate: Candidate, registry: Registry, params: Params) -> None:
+    """A batch's validation and monitoring reports, and its bytes, into the workspace."""
+    _move_tree(Path(candidate.validation_dir), registry.validation_reports_dir(candidate.arrival.key))
+    if candidate.monitor_dir:
+        target = registry.monitoring_report_dir(candidate.stage)
+        _move_tree(Path(candidate.monitor_dir), target)
+        from lifelong_hashing.operations.monitoring import SNAPSHOT_FILE, add_to_workspace
+
+        add_to_workspace(target, registry.evidently_workspace, params.monitoring.project)
+        (target / SNAPSHOT_FILE).unlink()  # the workspace holds it now; no second 20 MB copy
+    registry.batches_dir.mkdir(exist_ok=True)
+    shutil.copyfile(candidate.arrival.pinned, registry.batches_dir / f"{candidate.arrival.key}.npz")
+
+
+def _add_to_manifest(candidate: Candidate, registry: Registry, version: str, number: int) -> None:
+    """What was processed, by content hash: batches under ``batches``, deletion requests under
+    ``deletions`` (counts only: a request's ids are not kept)."""
+    manifest = read_manifest(registry)
+    section = manifest.setdefault(DELETIONS_KEY if candidate.kind == "deletion" else MANIFEST_KEY, {})
+    section[candidate.arrival.sha256] = {
+        "name": candidate.arrival.name, "version": version, "tag": version_tag(number),
+        "kind": candidate.kind, "stage": candidate.stage, "items": candidate.items,
+        "new_categories": candidate.new_categories, **({"replaced": candidate.replaced} if candidate.replaced else {}),
+        "processed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_json(registry.manifest_path, manifest)
+
+
+def _commit_message(candidate: Candidate, version: str) -> str:
+    what = "erasure" if candidate.kind == "deletion" else candidate.kind
+    return (f"{version}: {what} of {printable(candidate.arrival.name)} ({candidate.items} items"
+            + (f", new categories {', '.join(candidate.new_categories)}" if candidate.new_categories else "") + ")")
 
 
 def _tree_bytes(folder: Path) -> int:
@@ -451,9 +489,12 @@ def retire(arrival: Arrival) -> bool:
 def summary_markdown(candidate: Candidate, metrics: dict, tag: str, version: str) -> str:
     """The Prefect artifact of a promoted version: batch, mAP before and after, forgetting, seconds."""
     new = ", ".join(map(markdown_text, candidate.new_categories))
-    lines = [f"# {version} ({tag}): {candidate.kind} of {markdown_text(candidate.arrival.name)}", "",
-             f"- items: {candidate.items}; stage {candidate.stage}; new categories: "
-             f"{new or 'none (known categories, codes appended, no training)'}",
+    what = (f"- items erased: {candidate.items} (codes, memory, kept batches, reference samples; the version "
+            "folders before this one are removed)" if candidate.kind == "deletion" else
+            f"- items: {candidate.items}; stage {candidate.stage}; new categories: "
+            f"{new or 'none (known categories, codes appended, no training)'}"
+            + (f"; {candidate.replaced} of them replaced stored items" if candidate.replaced else ""))
+    lines = [f"# {version} ({tag}): {candidate.kind} of {markdown_text(candidate.arrival.name)}", "", what,
              f"- sha256: `{candidate.arrival.sha256}`", "",
              "| direction | mAP before | mAP after | mean forgetting |", "|---|---|---|---|"]
     for key, direction in DIRECTIONS.items():

@@ -86,7 +86,9 @@ class ValidationResult:
 @dataclass(frozen=True)
 class BatchExpectations:
     """What the current model expects of a batch; ``none`` before the first stage is trained.
-    ``photos``: how the model reads photos (None: it takes image features)."""
+    ``photos``: how the model reads photos (None: it takes image features). ``updates``: an id
+    stored exactly as sent is an update of that item (``pipeline.repeated_ids: replace``), not a
+    collision; a different id that only case-folds to a stored one still is."""
 
     image_shape: tuple[int, ...] | None
     text_dim: int | None
@@ -94,16 +96,17 @@ class BatchExpectations:
     database_ids: np.ndarray
     reference: ReferenceProfile
     photos: PhotoReader | None = None
+    updates: bool = False
 
     @staticmethod
     def none(photos: PhotoReader | None = None) -> BatchExpectations:
         return BatchExpectations(None, None, (), np.empty(0, str), ReferenceProfile(), photos)
 
     @staticmethod
-    def from_state(state) -> BatchExpectations:
+    def from_state(state, repeated_ids: str = "reject") -> BatchExpectations:
         m = state.method
         return BatchExpectations(m.image_shape, m.text_dim, tuple(m.categories), state.store.ids, state.reference,
-                                 PhotoReader.from_params(state.params))
+                                 PhotoReader.from_params(state.params), updates=repeated_ids == "replace")
 
 
 def validate_batch(path: str | Path, expected: BatchExpectations, config: ValidationConfig,
@@ -248,7 +251,9 @@ def _item_frame(a: dict[str, np.ndarray], expected: BatchExpectations, tolerance
     keys = [name_key(i) for i in ids]
     frame["id_key"] = keys
     stored = {name_key(i): i for i in expected.database_ids.tolist()} if len(expected.database_ids) else {}
-    frame["id_in_database"] = [shown(stored[k], 40, quoted=False) if k in stored else None for k in keys]
+    frame["id_in_database"] = [shown(stored[k], 40, quoted=False)
+                               if k in stored and not (expected.updates and stored[k] == i) else None
+                               for k, i in zip(keys, ids, strict=True)]
     for modality in ("image", "text"):
         with np.errstate(over="ignore"):  # beyond float32's range becomes inf: counted as non-finite
             x = np.asarray(a[modality], dtype=np.float32)
@@ -304,7 +309,9 @@ def _suite(gx, expected: BatchExpectations, config: ValidationConfig, n_categori
                                          description="ids are unique within the batch, also after case-folding"),
         gxe.ExpectColumnValuesToBeNull(column="id_in_database",
                                        description="ids are new to the database, also after case-folding "
-                                                   "(the value: the stored id it collides with)"),
+                                                   "(the value: the stored id it collides with)" +
+                                                   ("; an id stored exactly as sent is an update"
+                                                    if expected.updates else "")),
         gxe.ExpectColumnValuesToBeBetween(
             column="image_nonfinite", min_value=0, max_value=0,
             description="image features are finite as float32 (no NaN, inf or |x| > 3.4e38)"),
