@@ -276,6 +276,26 @@ def filters_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def discovery_table(r: dict) -> str:
+    """bench/discovery.py: novelty scores on held-out categories, mean ± sd over the seeds."""
+    out = ["| dataset | new categories | positives / negatives | score | AUROC | flagged | precision | recall "
+           "| known flagged | proposals | purity | NMI |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(row["dataset"], row["score"]) for row in r["rows"]},
+                  key=lambda k: (k[0] != "wikipedia", ("mahalanobis", "prototype", "nearest_item").index(k[1])))
+    for dataset, score in keys:
+        rows = [row for row in r["rows"] if row["dataset"] == dataset and row["score"] == score]
+        cell = {k: pm(mean_sd([row.get(k, float("nan")) for row in rows]), 3)
+                for k in ("auroc", "precision", "recall", "known_flagged", "purity", "nmi")}
+        first = rows[0]
+        name = score + (" (baseline)" if score == "nearest_item" else " (the pipeline's)" if score == "mahalanobis"
+                        else "")
+        out.append(f"| {dataset} | {', '.join(first['new_categories'])} | {first['positives']} / {first['negatives']} "
+                   f"| {name} | {cell['auroc']} | {np.mean([row['flagged'] for row in rows]):.0f} "
+                   f"| {cell['precision']} | {cell['recall']} | {cell['known_flagged']} "
+                   f"| {np.mean([row['proposals'] for row in rows]):.1f} | {cell['purity']} | {cell['nmi']} |")
+    return "\n".join(out)
+
+
 def distributed_table(r: dict) -> str:
     """bench/sharded_encoding.py: encoding an append batch in process and on Dask workers."""
     out = ["| items | where | threads per process | wall s, cold | of it: cluster start | wall s, warm | shards "
@@ -443,6 +463,7 @@ BLOCKS = {
     "serve-load": lambda: load_table(_read("serve_load")),
     "search-indexes": lambda: index_table(_read("search_speed")["indexes"]),
     "filters": lambda: filters_table(_read("filters")),
+    "discovery": lambda: discovery_table(_read("discovery")),
     "distributed": lambda: distributed_table(_read("sharded_encoding")),
     "photos": lambda: photos_tables(_read("photos")),
     "scale-summary": lambda: scale_summary(_read("search_speed"), _read("serve_load"), _read("sharded_encoding")),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import shutil
 import sys
 import time
@@ -20,13 +21,15 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
 
 from lifelong_hashing.config import DaskConfig, EvalConfig, Params, add_params_arguments, load_params, parse_overrides
 from lifelong_hashing.engine import sharding
 from lifelong_hashing.engine.requests import REQUEST_SUFFIX
 from lifelong_hashing.engine.runner import Scorer
 from lifelong_hashing.engine.state import save_method
-from lifelong_hashing.operations import erasure, pipeline
+from lifelong_hashing.operations import discovery, erasure, pipeline
 from lifelong_hashing.operations.registry import Registry
 
 STEP = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -235,6 +238,9 @@ def process_incoming(params_path: str = "params.yaml", overrides: dict | None = 
             shutil.rmtree(registry.pinned_dir, ignore_errors=True)
     if not found.pending and not requests.pending:
         logger.info("nothing new in %s or %s", params.pipeline.incoming, params.pipeline.deletions)
+    for outcome in outcomes:  # after the lock: a person's answer may take long, other runs go on
+        if outcome.get("proposals") and params.pipeline.discovery.ask:
+            outcome["named"] = ask_for_names(params_path, overrides, outcome["version"])
     problems = [f"{pipeline.printable(o['file'])}: {o['reason']}" for o in outcomes
                 if o["status"] not in ("promoted", "unchanged")]
     if problems:
@@ -327,7 +333,50 @@ def record_and_promote(candidate: pipeline.Candidate, registry: Registry, params
     publish_artifacts(candidate, registry, tag, version)
     return {"status": "promoted", "file": candidate.arrival.name, "kind": candidate.kind, "stage": candidate.stage,
             "version": version, "tag": tag, "new_categories": candidate.new_categories,
-            "shards_on_dask": candidate.shards_on_dask, "items": candidate.items}
+            "shards_on_dask": candidate.shards_on_dask, "items": candidate.items,
+            "flagged": (candidate.discovery or {}).get("flagged", 0),
+            "proposals": (candidate.discovery or {}).get("proposals", [])}
+
+
+class CategoryNames(RunInput):
+    """The form a person answers: one decision per proposal."""
+
+    answers: list[discovery.ProposalAnswer]
+
+
+@flow(name="name new categories")
+def name_new_categories(params_path: str, overrides: dict | None, version: str) -> dict:
+    """Show ``version``'s proposals and wait for a person's answer (a Prefect input form); the
+    accepted groups become a new-category batch in the incoming folder, which the next run
+    learns. Unanswered within ``answer_timeout_seconds``: this run fails, and nothing is lost
+    (the proposals stay in ``reports/discovery``, the items stay stored unlabelled)."""
+    params = load_params(params_path, overrides)
+    registry = Registry.from_params(params)
+    report = json.loads(discovery.report_path(registry.reports_dir, version).read_text())
+    markdown = discovery.proposals_markdown(report, version)
+    create_markdown_artifact(key="category-proposals", markdown=markdown, description=f"{version}: name them")
+    form = CategoryNames.with_initial_data(description=markdown, answers=[
+        discovery.ProposalAnswer(proposal=p["number"]) for p in report["proposals"]])
+    answer = pause_flow_run(wait_for_input=form, timeout=params.pipeline.discovery.answer_timeout_seconds,
+                            poll_interval=2)
+    known = tuple(json.loads((registry.state_dir / "state.json").read_text())["categories"])
+    groups = discovery.named_groups(report, answer.answers, known)
+    batch = discovery.batch_from_answer(sorted(registry.batches_dir.glob("*.npz")), groups,
+                                        Path(params.pipeline.incoming) / f"discovered-{version}.npz")
+    get_run_logger().info("named %s; %s", {name: len(ids) for name, ids in groups.items()} or "nothing",
+                          f"the next run learns {batch}" if batch else "nothing to learn")
+    return {"accepted": {name: len(ids) for name, ids in groups.items()}, "batch": str(batch) if batch else None}
+
+
+def ask_for_names(params_path: str, overrides: dict | None, version: str) -> dict:
+    """``name_new_categories`` as a subflow; an unanswered or unusable answer is logged, and the
+    run goes on (its batches are recorded and served already)."""
+    try:
+        return name_new_categories(params_path, overrides, version)
+    except Exception as error:  # noqa: BLE001 - a pause timeout or a bad answer loses nothing
+        get_run_logger().warning("proposals of %s not named (%s: %s); they stay in reports/discovery/%s.json",
+                                 version, type(error).__name__, error, version)
+        return {"error": f"{type(error).__name__}: {error}"}
 
 
 def _reject(arrival, params: Params, reason: str, reports: list[Path], validation_html: str | None = None,

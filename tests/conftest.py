@@ -69,6 +69,7 @@ def settings(root: Path, **extra) -> dict:
             "pipeline.workspace": str(root / "ws"), "pipeline.remote": str(root / "remote"),
             "pipeline.incoming": str(root / "incoming"), "pipeline.quarantine": str(root / "quarantine"),
             "pipeline.deletions": str(root / "deletions"),
+            "pipeline.discovery.ask": False,  # tests that answer proposals ask for it (test_discovery)
             "validation.reports_dir": str(root / "scratch"), "monitoring.reports_dir": str(root / "scratch"),
             "monitoring.workspace": str(root / "scratch"), **extra}
 

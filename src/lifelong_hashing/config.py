@@ -246,6 +246,19 @@ class ScheduleConfig(_Strict):
     cron: str | None = None
 
 
+class DiscoveryConfig(_Strict):
+    """New categories in what arrives unlabelled (engine/discovery.py): every unlabelled item of
+    a batch is scored for novelty against the model before the batch, items past the threshold
+    are flagged and grouped into proposals, and with ``ask`` the run then waits for a person to
+    name them in a Prefect input form (docs/pipeline.md, "Discovering new categories")."""
+
+    enabled: bool = True
+    quantile: float = Field(0.95, gt=0, lt=1)  # of held-out known items' scores: the threshold
+    min_flagged: int = Field(6, ge=2)  # fewer flagged items make no proposals
+    ask: bool = True  # pause for a person to name the proposals (after the run's batches, lock released)
+    answer_timeout_seconds: int = Field(3600, gt=0)  # unanswered: the proposals stay, nothing is lost
+
+
 class DaskConfig(_Strict):
     """Where the pipeline's data-parallel work runs (flows/pipeline.py), shard by shard: database
     encoding (a batch of known categories, the joint baseline's re-encoding) and scoring the
@@ -281,6 +294,7 @@ class PipelineConfig(_Strict):
     step_timeout_seconds: float = Field(3600.0, gt=0)  # validate, train, export, monitor: past it, a failed attempt
     dask: DaskConfig = DaskConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
 
 
 class Params(_Strict):

@@ -12,7 +12,7 @@ hash, name and count, not its ids.
 
 What erasure reaches: the code store, the method's memory and kept batches, the reference samples
 and the export-parity photos (``runner.delete_items``); every batch file the workspace keeps
-(``batches/``) and the quarantine keeps; and the version folders published before it, which hold
+(``batches/``) and the quarantine keeps, the discovery reports; and the version folders published before it, which hold
 the items' codes (removed from ``models/versions``). What still holds them afterwards, by design
 of version control: the DVC cache and remote, whose objects of older commits keep history, until
 ``lhash purge`` (``purge_history``) collects every object the commits since the latest erasure do
@@ -33,6 +33,7 @@ from lifelong_hashing.engine.requests import read_deletion_ids
 from lifelong_hashing.engine.runner import delete_items
 from lifelong_hashing.engine.state import save_state
 from lifelong_hashing.inference.versions import list_versions, version_number
+from lifelong_hashing.operations.discovery import erase_from_reports
 from lifelong_hashing.operations.pipeline import (
     DELETIONS_KEY,
     Arrival,
@@ -75,6 +76,7 @@ def erase_kept_copies(registry: Registry, params: Params, ids: list[str], new_ve
         erased = erase_from_batch_file(path, ids)
         counts["batch_files"] += bool(erased)
         counts["items"] += erased
+    counts["discovery_reports"] = erase_from_reports(registry.reports_dir, ids)
     for name in list_versions(registry.models_dir):
         if name != new_version:
             shutil.rmtree(registry.versions_dir / name)

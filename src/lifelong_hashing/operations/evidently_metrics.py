@@ -180,3 +180,33 @@ class AverageMapDropCalculation(SingleValueCalculation[AverageMapDrop]):
 
     def display_name(self) -> str:
         return f"Average mAP drop ({DIRECTIONS[self.metric.direction].name})"
+
+
+class NoveltyShare(SingleValueMetric):
+    """Share of the unlabelled items that arrived in each stage which were flagged as looking
+    like no known category (discovery), the latest stage's as the value. The series is data
+    (a private attribute), like the stage×task matrix."""
+
+    _shares: dict = PrivateAttr()
+
+    def with_shares(self, shares: dict[int, float]):
+        self._shares = shares
+        return self
+
+    @property
+    def shares(self) -> dict[int, float]:
+        return self._shares
+
+
+class NoveltyShareCalculation(SingleValueCalculation[NoveltyShare]):
+    def calculate(self, context, current_data, reference_data):
+        shares = self.metric.shares
+        result = self.result(float(shares[max(shares)]))
+        fig = go.Figure(go.Scatter(x=list(shares), y=list(shares.values()), mode="lines+markers", name="flagged"))
+        fig.update_layout(xaxis_title="stage", yaxis_title="share of unlabelled items flagged new", xaxis_dtick=1)
+        text = ", ".join(f"stage {t}: {v:.1%}" for t, v in shares.items())
+        result.widget = widgets(self.display_name(), fig, f"flagged as new, per stage: {text}")
+        return result
+
+    def display_name(self) -> str:
+        return "Unlabelled items flagged as new categories"

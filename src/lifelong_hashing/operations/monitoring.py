@@ -122,6 +122,9 @@ def build_report(reference_frame, current_frame, config: MonitoringConfig, histo
         metrics.append(custom.AverageMapDrop(direction=direction,
                                              tests=[lte(config.max_average_map_drop, is_critical=True)])
                        .with_matrix(matrix))
+    shares = {t: r["novelty"]["share"] for t, r in enumerate(history or []) if r.get("novelty")}
+    if shares:  # discovery: how much of what arrived unlabelled looked new, stage by stage
+        metrics.append(custom.NoveltyShare(tests=[]).with_shares(shares))
     definition = DataDefinition(numerical_columns=list(current_frame.columns))
     report = Report(metrics, include_tests=True, metadata=metadata or {}, tags=["lifelong-hashing"])
     current = Dataset.from_pandas(current_frame, data_definition=definition)

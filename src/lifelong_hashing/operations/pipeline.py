@@ -137,7 +137,8 @@ class Candidate:
     alerts: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     erased: list[str] = field(default_factory=list, repr=False)  # a deletion's ids: purged from kept files
-    replaced: int = 0  # stored items the batch updated (pipeline.repeated_ids: replace)
+    replaced: int = 0  # stored items the batch updated (pipeline.repeated_ids: replace, or labelled late)
+    discovery: dict | None = field(default=None, repr=False)  # its unlabelled items screened (operations.discovery)
 
     @property
     def state_dir(self) -> Path:
@@ -355,7 +356,10 @@ def train(registry: Registry, arrival: Arrival, validation: ValidationResult, pa
     batch = batch.for_model(state.method.categories)  # as validation built it
     if validation.photos:  # the sample is the batch's first photos
         state.photos, state.photo_ids = validation.photos, tuple(batch.ids[:len(validation.photos)].tolist())
-    replaced = remove_for_update(state, batch.ids)  # validation let them through: repeated_ids is replace
+    from lifelong_hashing.operations.discovery import screen
+
+    report = screen(state, batch, queries, params.pipeline.discovery)  # against the model before the batch
+    replaced = remove_for_update(state, batch.ids)  # updates: validation let them through
     if validation.new_categories:
         stage = Stage(state.stage + 1, tuple(validation.new_categories), batch.categories, batch)
         record = learn_stage(state, stage, queries, scorer, encoder)
@@ -370,7 +374,7 @@ def train(registry: Registry, arrival: Arrival, validation: ValidationResult, pa
     return Candidate(arrival, kind, state.method.name, state.stage, list(validation.new_categories), len(batch),
                      work, before,
                      map_by_direction(record), {"train": time.perf_counter() - start},
-                     validation_dir=str(work / "validation"), replaced=replaced)
+                     validation_dir=str(work / "validation"), replaced=replaced, discovery=report)
 
 
 def export(candidate: Candidate, registry: Registry, config: ExportConfig, index: IndexConfig) -> Candidate:
@@ -444,6 +448,10 @@ def _keep_batch_and_reports(candidate: Candidate, registry: Registry, params: Pa
         (target / SNAPSHOT_FILE).unlink()  # the workspace holds it now; no second 20 MB copy
     registry.batches_dir.mkdir(exist_ok=True)
     shutil.copyfile(candidate.arrival.pinned, registry.batches_dir / f"{candidate.arrival.key}.npz")
+    if candidate.discovery is not None:
+        from lifelong_hashing.operations.discovery import report_path
+
+        write_json(report_path(registry.reports_dir, Path(candidate.version_dir).name), candidate.discovery)
 
 
 def _add_to_manifest(candidate: Candidate, registry: Registry, version: str, number: int) -> None:
@@ -502,6 +510,10 @@ def summary_markdown(candidate: Candidate, metrics: dict, tag: str, version: str
         after, forgot = candidate.after[key], metrics[key]["mean_forgetting"]
         lines.append(f"| {direction.name} | {before} | {after:.4f} | {forgot:.4f} |")
     lines += ["", "Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in candidate.seconds.items())]
+    if candidate.discovery:
+        found = candidate.discovery
+        lines += ["", f"- novelty: {found['flagged']} of {found['unlabelled']} unlabelled items flagged "
+                      f"({found['share']:.1%}), {len(found['proposals'])} proposals (reports/discovery)"]
     lines += [f"- warning: {markdown_text(w)}" for w in candidate.warnings]
     lines += [f"- alert: {markdown_text(a)}" for a in candidate.alerts]
     return "\n".join(lines)

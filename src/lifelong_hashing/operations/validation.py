@@ -88,7 +88,9 @@ class BatchExpectations:
     """What the current model expects of a batch; ``none`` before the first stage is trained.
     ``photos``: how the model reads photos (None: it takes image features). ``updates``: an id
     stored exactly as sent is an update of that item (``pipeline.repeated_ids: replace``), not a
-    collision; a different id that only case-folds to a stored one still is."""
+    collision; a different id that only case-folds to a stored one still is. ``unlabelled``: the
+    ids stored without labels; one sent again with labels is that item labelled (an update under
+    either rule: how a named discovery proposal, or a late label, reaches the model)."""
 
     image_shape: tuple[int, ...] | None
     text_dim: int | None
@@ -97,6 +99,7 @@ class BatchExpectations:
     reference: ReferenceProfile
     photos: PhotoReader | None = None
     updates: bool = False
+    unlabelled: frozenset[str] = frozenset()
 
     @staticmethod
     def none(photos: PhotoReader | None = None) -> BatchExpectations:
@@ -105,8 +108,10 @@ class BatchExpectations:
     @staticmethod
     def from_state(state, repeated_ids: str = "reject") -> BatchExpectations:
         m = state.method
-        return BatchExpectations(m.image_shape, m.text_dim, tuple(m.categories), state.store.ids, state.reference,
-                                 PhotoReader.from_params(state.params), updates=repeated_ids == "replace")
+        store = state.store
+        return BatchExpectations(m.image_shape, m.text_dim, tuple(m.categories), store.ids, state.reference,
+                                 PhotoReader.from_params(state.params), updates=repeated_ids == "replace",
+                                 unlabelled=frozenset(store.ids[~store.labelled].tolist()))
 
 
 def validate_batch(path: str | Path, expected: BatchExpectations, config: ValidationConfig,
@@ -251,9 +256,10 @@ def _item_frame(a: dict[str, np.ndarray], expected: BatchExpectations, tolerance
     keys = [name_key(i) for i in ids]
     frame["id_key"] = keys
     stored = {name_key(i): i for i in expected.database_ids.tolist()} if len(expected.database_ids) else {}
-    frame["id_in_database"] = [shown(stored[k], 40, quoted=False)
-                               if k in stored and not (expected.updates and stored[k] == i) else None
-                               for k, i in zip(keys, ids, strict=True)]
+    update = [stored.get(k) == i and (expected.updates or (i in expected.unlabelled and labelled))
+              for k, i, labelled in zip(keys, ids, _labelled(a), strict=True)]
+    frame["id_in_database"] = [shown(stored[k], 40, quoted=False) if k in stored and not same else None
+                               for k, same in zip(keys, update, strict=True)]
     for modality in ("image", "text"):
         with np.errstate(over="ignore"):  # beyond float32's range becomes inf: counted as non-finite
             x = np.asarray(a[modality], dtype=np.float32)
