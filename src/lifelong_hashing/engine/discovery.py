@@ -193,15 +193,14 @@ def propose(model: NoveltyModel, store: CodeStore, flagged: Batch, seed: int, wo
         quality = silhouette_score(x, groups, random_state=seed)
         if best is None or quality > best[0]:
             best = (quality, groups)
-    groups = best[1]
+    groups = best[1]  # k-means numbers its groups 0..k-1: a proposal's number is its group's
     proposals = []
-    for number, g in enumerate(np.unique(groups)):
-        rows = np.flatnonzero(groups == g)
+    for number in range(groups.max() + 1):
+        rows = np.flatnonzero(groups == number)
         distance = model.class_distances(flagged.subset(rows)).mean(axis=0)
         order = np.argsort(distance)[:3]
         nearest = [(store.categories[model.classes[j]], float(distance[j])) for j in order]
         proposals.append(Proposal(number, flagged.ids[rows].tolist(), nearest, _top_tags(flagged.text[rows], words)))
-        groups[rows] = number
     return proposals, groups
 
 

@@ -29,9 +29,10 @@ from pathlib import Path
 from lifelong_hashing.config import Params
 from lifelong_hashing.engine.batch import BatchError, erase_from_batch_file
 from lifelong_hashing.engine.codestore import CodeStoreError
-from lifelong_hashing.engine.requests import read_deletion_ids
+from lifelong_hashing.engine.requests import REQUEST_SUFFIX, read_deletion_ids
 from lifelong_hashing.engine.runner import delete_items
 from lifelong_hashing.engine.state import save_state
+from lifelong_hashing.files import write_text
 from lifelong_hashing.inference.versions import list_versions, version_number
 from lifelong_hashing.operations.discovery import erase_from_reports
 from lifelong_hashing.operations.pipeline import (
@@ -69,13 +70,19 @@ def delete(registry: Registry, arrival: Arrival, params: Params) -> Candidate | 
 
 def erase_kept_copies(registry: Registry, params: Params, ids: list[str], new_version: str) -> dict:
     """Within ``record``: the items out of every batch file kept in the workspace and the
-    quarantine, and every version folder but ``new_version`` out of the workspace. Counts."""
+    quarantine (and their ids out of quarantined requests and the discovery reports), and every
+    version folder but ``new_version`` out of the workspace. Counts."""
     counts = {"batch_files": 0, "items": 0, "versions_removed": 0}
     kept = [*sorted(registry.batches_dir.glob("*.npz")), *sorted(Path(params.pipeline.quarantine).glob("*/batch.npz"))]
     for path in kept:
         erased = erase_from_batch_file(path, ids)
         counts["batch_files"] += bool(erased)
         counts["items"] += erased
+    erased = set(ids)
+    for path in sorted(Path(params.pipeline.quarantine).glob(f"*/request{REQUEST_SUFFIX}")):  # rejected requests
+        lines = path.read_text(errors="replace").splitlines()
+        if erased & set(lines):
+            write_text(path, "".join(f"{line}\n" for line in lines if line not in erased))
     counts["discovery_reports"] = erase_from_reports(registry.reports_dir, ids)
     for name in list_versions(registry.models_dir):
         if name != new_version:
