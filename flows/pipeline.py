@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import shutil
 import sys
 import time
@@ -352,17 +351,14 @@ def name_new_categories(params_path: str, overrides: dict | None, version: str) 
     (the proposals stay in ``reports/discovery``, the items stay stored unlabelled)."""
     params = load_params(params_path, overrides)
     registry = Registry.from_params(params)
-    report = json.loads(discovery.report_path(registry.reports_dir, version).read_text())
+    report = discovery.read_report(registry, version)
     markdown = discovery.proposals_markdown(report, version)
     create_markdown_artifact(key="category-proposals", markdown=markdown, description=f"{version}: name them")
     form = CategoryNames.with_initial_data(description=markdown, answers=[
         discovery.ProposalAnswer(proposal=p["number"]) for p in report["proposals"]])
     answer = pause_flow_run(wait_for_input=form, timeout=params.pipeline.discovery.answer_timeout_seconds,
                             poll_interval=2)
-    known = tuple(json.loads((registry.state_dir / "state.json").read_text())["categories"])
-    groups = discovery.named_groups(report, answer.answers, known)
-    batch = discovery.batch_from_answer(sorted(registry.batches_dir.glob("*.npz")), groups,
-                                        Path(params.pipeline.incoming) / f"discovered-{version}.npz")
+    groups, batch = discovery.answer_proposals(registry, Path(params.pipeline.incoming), version, answer.answers)
     get_run_logger().info("named %s; %s", {name: len(ids) for name, ids in groups.items()} or "nothing",
                           f"the next run learns {batch}" if batch else "nothing to learn")
     return {"accepted": {name: len(ids) for name, ids in groups.items()}, "batch": str(batch) if batch else None}

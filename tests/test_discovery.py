@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
+from lifelong_hashing.cli import main as lhash
 from lifelong_hashing.config import load_params
 from lifelong_hashing.engine.batch import Batch, load_batch, make_batch, save_batch
 from lifelong_hashing.engine.runner import build_plan
@@ -20,7 +21,7 @@ from lifelong_hashing.engine.state import load_state
 from lifelong_hashing.operations.discovery import ProposalAnswer, named_groups
 from lifelong_hashing.operations.registry import Registry
 
-from .conftest import PARAMS, WIKIPEDIA, drop, run, serving_pipeline, thread_in_context
+from .conftest import PARAMS, WIKIPEDIA, drop, run, serving_pipeline, settings, thread_in_context
 
 ASK = {"pipeline.discovery.ask": True, "pipeline.discovery.answer_timeout_seconds": 300}
 
@@ -105,6 +106,14 @@ def test_unlabelled_arrivals_are_flagged_proposed_named_in_prefect_learned_and_s
     (done,) = state.result()
     assert "error" in done["named"] and (ws.reports_dir / "discovery" / "v0004.json").exists()
     assert not (root / "incoming" / "discovered-v0004.npz").exists() and ws.tags()[-1] == "model-v4"
+    late = json.loads((ws.reports_dir / "discovery" / "v0004.json").read_text())["proposals"][0]
+    answers = root / "answers.json"  # answered later, from the command line
+    answers.write_text(json.dumps([{"proposal": late["number"], "decision": "accept", "name": "found-two"}]))
+    argv = ["--params", PARAMS] + [f"-S{k}={json.dumps(v)}" for k, v in settings(root).items()]
+    assert lhash([*argv, "name", "v0004", "--answers", str(answers)]) == 0
+    assert len(load_batch(root / "incoming" / "discovered-v0004.npz")) == late["size"]
+    answers.write_text(json.dumps([{"proposal": late["number"], "decision": "accept", "name": "found-one"}]))
+    assert lhash([*argv, "name", "v0004", "--answers", str(answers)]) == 2  # a category of that name exists
 
 
 @pytest.mark.unit

@@ -108,6 +108,24 @@ def test_exp_run_sweeps_bits_and_method(reproduced):
     assert any(p["model"]["bits"] == 32 and p["method"]["name"] == "dlch" for p in params), shown
 
 
+def test_each_stage_depends_on_the_code_it_runs(reproduced):
+    """Editing the service re-exports but retrains nothing; editing the engine does both."""
+    _, b = reproduced
+
+    def stale(path: str) -> set[str]:
+        target = b / path
+        original = target.read_text()
+        target.write_text(original + "\n# an edit\n")
+        try:
+            return set(json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], b)))
+        finally:
+            target.write_text(original)
+
+    assert stale("src/lifelong_hashing/inference/service.py") == {"export"}
+    assert stale("src/lifelong_hashing/operations/pipeline.py") == set()
+    assert stale("src/lifelong_hashing/engine/codestore.py") == {"train", "export"}
+
+
 # What the committed dvc.lock was made with (docs/pipeline.md, "Reproducibility"): elsewhere the hashes of
 # the trained outputs legitimately differ, and the check below does not apply.
 LOCK_RUNTIME = {"cpu_capability": "AVX512", "machine": "x86_64", "torch": "2.13.0+cpu"}

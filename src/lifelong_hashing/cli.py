@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     back = sub.add_parser("rollback", help="serve an earlier pipeline version again (its git tag + dvc checkout); "
                                            "not one recorded before an erasure")
     back.add_argument("tag", help="e.g. model-v2 (git tag in pipeline.workspace)")
+    name = sub.add_parser("name", help="answer a pipeline version's proposed new categories later (the run's "
+                                       "Prefect form timed out): the accepted ones become a batch in incoming")
+    name.add_argument("version", help="e.g. v0004 (reports/discovery/v0004.json in pipeline.workspace)")
+    name.add_argument("--answers", required=True, help='a JSON list: [{"proposal": 0, "decision": "accept", '
+                                                       '"name": "night"}, {"proposal": 1, "decision": "reject"}]')
     sub.add_parser("purge", help="after an erasure: remove from the workspace's DVC cache and remote every object "
                                  "the commits since the latest erasure do not use (irreversible)")
     find = sub.add_parser("search", help="query a running service, a models folder or a state folder")
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, parse_overrides(args.set))
         if args.command in ("export", "promote", "serve", "search"):
             return _production_command(args, params)
-        if args.command in ("rollback", "purge"):
+        if args.command in ("rollback", "purge", "name"):
             return _workspace_command(args, params)
         if args.command in ("validate", "monitor", "delete"):
             return _data_command(args, params)
@@ -192,8 +197,25 @@ def _workspace_command(args, params) -> int:
         if args.command == "purge":
             print(f"{registry.root}: {erasure.purge_history(registry)}")
             return 0
+        if args.command == "name":
+            return _name_proposals(args, params, registry)
         version = erasure.rollback(registry, args.tag)
     print(f"{registry.root}: restored {args.tag}; serving {version} from {registry.models_dir}")
+    return 0
+
+
+def _name_proposals(args, params, registry) -> int:
+    from pydantic import TypeAdapter, ValidationError
+
+    from lifelong_hashing.operations.discovery import ProposalAnswer, answer_proposals
+
+    try:
+        answers = TypeAdapter(list[ProposalAnswer]).validate_json(Path(args.answers).read_bytes())
+        groups, batch = answer_proposals(registry, Path(params.pipeline.incoming), args.version, answers)
+    except (OSError, ValueError, ValidationError) as err:
+        raise ConfigError(f"{args.answers}: {err}") from None
+    named = ", ".join(f"{n} ({len(ids)} items)" for n, ids in groups.items()) or "nothing"
+    print(f"named {named}" + (f"; the next pipeline run learns {batch}" if batch else ""))
     return 0
 
 

@@ -128,6 +128,25 @@ def batch_from_answer(kept_batches: list[Path], groups: dict[str, list[str]], ou
                            "categories": np.array(names), "new_categories": np.array(names)}, compress=True)
 
 
+def read_report(registry, version: str) -> dict:
+    """``version``'s discovery report in the workspace, or a ValueError saying there is none."""
+    path = report_path(registry.reports_dir, version)
+    if not path.exists():
+        raise ValueError(f"{version}: no discovery report in {path.parent} (no unlabelled items screened then)")
+    return json.loads(path.read_text())
+
+
+def answer_proposals(registry, incoming: Path, version: str, answers: list[ProposalAnswer]
+                     ) -> tuple[dict[str, list[str]], Path | None]:
+    """Carry out a person's answers to ``version``'s proposals: the named groups and the batch
+    they make in ``incoming`` (``discovered-<version>.npz``; None when nothing was accepted)."""
+    known = tuple(json.loads((registry.state_dir / "state.json").read_text())["categories"])
+    groups = named_groups(read_report(registry, version), answers, known)
+    batch = batch_from_answer(sorted(registry.batches_dir.glob("*.npz")), groups,
+                              Path(incoming) / f"discovered-{version}.npz")
+    return groups, batch
+
+
 def proposals_markdown(report: dict, version: str) -> str:
     """The proposals as a person reads them in Prefect: size, sample ids, nearest known
     categories, top tags (ids and tags escaped: they are data)."""
