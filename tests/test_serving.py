@@ -191,7 +191,16 @@ def test_version_and_health_tell_the_truth(wiki, server):
     assert info["categories"] == list(wiki["state"].method.categories)
     assert info["providers"] == ["CPUExecutionProvider"] or "CUDAExecutionProvider" in info["providers"]
     assert httpx.get(server + "/docs").status_code == 200
-    assert "/search" in httpx.get(server + "/openapi.json").json()["paths"]
+    spec = httpx.get(server + "/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["ApiKey"] == {
+        "type": "apiKey", "in": "header", "name": "X-API-Key",
+        "description": "the service's key (serving.api_key_env), when one is set"}
+    for path, method in (("/search", "post"), ("/encode", "post"), ("/version", "get"), ("/delete", "post")):
+        assert spec["paths"][path][method]["security"] == [{"ApiKey": []}], path
+    assert "security" not in spec["paths"]["/health"]["get"]  # open, for load balancers
+    typed = spec["paths"]["/version"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert typed == {"$ref": "#/components/schemas/VersionResponse"}
+    assert {"bits", "categories", "hidden"} <= set(spec["components"]["schemas"]["VersionResponse"]["required"])
 
 
 @pytest.mark.parametrize(("body", "status", "words"), [

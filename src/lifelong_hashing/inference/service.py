@@ -25,12 +25,13 @@ import os
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -98,6 +99,27 @@ class ModelHolder:
             if self.model is None:
                 return self._fall_back(error)
             return False
+
+    def served(self) -> RetrievalModel:
+        """The served model, or 503 saying why there is none."""
+        model = self.model
+        if model is None:
+            raise _Unavailable(self.last_error or f"no model version promoted in {self.models_dir}")
+        return model
+
+    def follow(self, deletions: Path | None) -> None:
+        """The pending deletion requests, then the promoted version (in that order: ``hide``)."""
+        pending = pending_deletion_ids(deletions) if deletions is not None else set()
+        self.refresh()
+        self.hide(pending)
+
+    def watch(self, stop: threading.Event, poll_seconds: float, deletions: Path | None) -> None:
+        """The watcher thread: ``follow`` every ``poll_seconds`` until ``stop``."""
+        while not stop.wait(poll_seconds):
+            try:
+                self.follow(deletions)
+            except OSError as err:  # a version folder being replaced mid-read: the next poll sees it whole
+                log.warning("cannot read the model pointer: %s", err)
 
     def hide(self, pending: set[str]) -> None:
         """Hide the served items that deletion requests name (``pending``: those waiting in the
@@ -199,16 +221,37 @@ class SearchFilter(_Strict):
         return ItemFilter(tuple(self.any_of), tuple(self.all_of), self.stages, self.id_prefix)
 
 
-def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watch: bool = True,
-               photos: PhotoLimitsConfig | None = None, deletions: str | Path | None = None) -> FastAPI:
-    """The app serving ``models_dir``'s promoted version; ``photos``: what a photo query may cost;
-    ``deletions``: the pipeline's folder of deletion requests (``POST /delete`` writes there, and
-    the items they name are hidden until erased)."""
-    cfg = cfg or ServingConfig()
-    holder = ModelHolder(models_dir, cfg.encoder_threads, photos)
-    deletions = Path(deletions) if deletions is not None else None
-    stop = threading.Event()
-    batcher: QueryBatcher | None = None
+class HealthResponse(_Strict):
+    status: Literal["ok"]
+    model_version: str
+
+
+class VersionResponse(_Strict):
+    model_version: str
+    method: str
+    bits: int
+    categories: list[str]
+    database_size: int
+    stage: int
+    input_shapes: dict[str, list[int]]
+    inputs: dict[str, str] = Field(description="per modality: 'features' or 'pixels' (photos)")
+    text_vocabulary: bool = Field(description="whether text queries may be words")
+    providers: list[str] = Field(description="ONNX Runtime execution providers in use")
+    index: dict[str, Any] = Field(description="the search index: kind flat (exact), or an approximate one's settings")
+    project_version: str
+    last_error: str | None = Field(description="why the latest promoted version was refused, if it was")
+    fallback: str | None = Field(description="set when serving fell back from a version that did not load")
+    hidden: int = Field(description="served items hidden until erased (pending deletion requests)")
+
+
+# The key ``ApiKey`` checks, declared so that the spec (and a client generated from it) can send it.
+API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="ApiKey",
+                       description="the service's key (serving.api_key_env), when one is set")
+PROBLEMS = {code: {"model": Problem} for code in (400, 401, 413, 415, 422, 503)}
+
+
+def query_models(cfg: ServingConfig) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The /encode and /search bodies, bounded by ``cfg``'s limits."""
 
     class Query(_Strict):
         modality: Literal["image", "text"]
@@ -230,47 +273,52 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
         filter: SearchFilter | None = Field(None, description="search only the items it lets through "
                                                               "(multipart: the same object as a JSON string)")
 
-    def follow():
-        """The pending deletion requests, then the promoted version (in that order: ``hide``)."""
-        pending = pending_deletion_ids(deletions) if deletions is not None else set()
-        holder.refresh()
-        holder.hide(pending)
+    return Query, SearchRequest
 
-    def watch_pointer():
-        while not stop.wait(cfg.poll_seconds):
-            try:
-                follow()
-            except OSError as err:  # a version folder being replaced mid-read: the next poll sees it whole
-                log.warning("cannot read the model pointer: %s", err)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        nonlocal batcher
-        follow()
-        batcher = QueryBatcher(cfg.search_threads, max_rows=cfg.max_queries, inline_rows=cfg.inline_rows)
-        thread = threading.Thread(target=watch_pointer, name="model-watcher", daemon=True)
-        if watch:
-            thread.start()
-        yield
-        stop.set()
-        batcher.close()
+def request_schema(model: type[BaseModel]) -> dict:
+    """The body as documented: parsed by ``QueryReader``, not by FastAPI (which would decode the
+    JSON into Python objects first, then validate them: four times slower for a 1,000-float row)."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": schema}, "multipart/form-data": {"schema": multipart_schema(schema)}}}}
 
-    app = FastAPI(title="lifelong-hashing retrieval", version=__version__, lifespan=lifespan,
-                  description="Cross-modal (image↔text) search over binary codes of a lifelong hashing model.")
-    app.state.holder = holder
-    problems = {code: {"model": Problem} for code in (400, 401, 413, 415, 422, 503)}
-    # Outermost first: a wrong host, then a missing key, is refused before any body is read.
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, timeout=cfg.request_timeout_seconds)
-    app.add_middleware(ApiKey, key=os.environ.get(cfg.api_key_env) or None, open_paths=("/health",))
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(cfg.allowed_hosts))
 
-    @app.exception_handler(QueryError)
-    async def query_error(request: Request, err: QueryError):
-        return JSONResponse({"detail": str(err)}, 422)
+class QueryReader:
+    """A request body → a validated query, the served model and its encoder inputs, or a 4xx
+    naming what is wrong."""
 
-    @app.exception_handler(UnsupportedMedia)
-    async def unsupported_media(request: Request, err: UnsupportedMedia):
-        return JSONResponse({"detail": str(err)}, 415)
+    def __init__(self, cfg: ServingConfig, holder: ModelHolder):
+        self.cfg, self.holder = cfg, holder
+
+    async def read(self, request: Request, model: type[BaseModel]):
+        """The body as a validated query and its photos (None: a features or words query)."""
+        kind = body_kind(request.headers.get("content-type"))
+        try:
+            if kind == "multipart":
+                fields, files = await multipart_query(request, self.cfg.max_queries)
+                return model.model_validate(fields), files
+            query = model.model_validate_json(await request.body())
+        except ValidationError as err:
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors()]) from None
+        return query, None if query.images is None else base64_photos(query.images)
+
+    async def parse(self, request: Request, model: type[BaseModel]):
+        query, files = await self.read(request, model)
+        served = self.holder.served()
+        if files is not None:
+            if query.features is not None or query.words is not None:
+                raise QueryError("send exactly one of 'features', 'words' or a photo")
+            return query, served, await run_in_threadpool(served.photos, query.modality, files)
+        if query.words is None:  # numpy's checks: cheap enough for the event loop
+            return query, served, served.features(query.modality, query.features, None)
+        return query, served, await run_in_threadpool(served.features, query.modality, query.features, query.words)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every refusal as ``{"detail": one line}`` with its status."""
+    for error, status in ((QueryError, 422), (UnsupportedMedia, 415), (_Unavailable, 503)):
+        app.add_exception_handler(error, functools.partial(_detail, status=status))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError):
@@ -279,64 +327,95 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
                  for e in err.errors()]
         return JSONResponse({"detail": "; ".join(lines[:10]) or "invalid request"}, 422)
 
-    def served() -> RetrievalModel:
-        model = holder.model
-        if model is None:
-            raise _Unavailable(holder.last_error or f"no model version promoted in {holder.models_dir}")
-        return model
 
-    @app.exception_handler(_Unavailable)
-    async def unavailable(request: Request, err: _Unavailable):
-        return JSONResponse({"detail": str(err)}, 503)
+async def _detail(request: Request, err: Exception, status: int) -> JSONResponse:
+    return JSONResponse({"detail": str(err)}, status)
 
-    @app.get("/health", responses=problems)
-    async def health() -> dict:
+
+def search_targets(query, cfg: ServingConfig, rows: int) -> tuple[str, ...]:
+    """The code sides a search scans, within ``serving.max_hits`` (a QueryError past it)."""
+    other = "text" if query.modality == "image" else "image"
+    targets = {"other": (other,), "image": ("image",), "text": ("text",), "both": ("image", "text")}[query.target]
+    hits = rows * query.k * len(targets)
+    if hits > cfg.max_hits:
+        raise QueryError(f"the request asks for {hits:,} hits (queries × k × targets), over the limit of "
+                         f"{cfg.max_hits:,}: send fewer queries or a smaller k")
+    return targets
+
+
+def submit_deletion(holder: ModelHolder, deletions: Path | None, ids: list[str]) -> DeleteResponse:
+    """A deletion request for the pipeline, and the items hidden now (``POST /delete``)."""
+    if deletions is None:
+        raise _Unavailable("deletion requests are not configured (pipeline.deletions)")
+    model = holder.served()
+    stored = set(model.store.ids[model.store.rows_present(ids)].tolist())
+    erased = {i for i in ids if i not in stored and deleted_id_hash(i) in model.deleted}
+    unknown = [i for i in dict.fromkeys(ids) if i not in stored and i not in erased]
+    if unknown:
+        more = f" and {len(unknown) - 5:,} more" if len(unknown) > 5 else ""
+        raise QueryError(f"ids not in the catalogue: {', '.join(map(shown, unknown[:5]))}{more}; nothing was "
+                         "requested")
+    if not stored:  # every one erased before: nothing to ask
+        return DeleteResponse(request=None, ids=len(set(ids)), hidden=0, already_deleted=len(erased))
+    try:
+        request = write_deletion_request(deletions, list(dict.fromkeys(ids)))
+    except BatchError as err:
+        raise QueryError(str(err)) from None
+    holder.submitted |= stored
+    holder.hide(pending_deletion_ids(deletions))
+    log.info("deletion request %s: %d ids (%d already erased)", request.name, len(ids), len(erased))
+    return DeleteResponse(request=request.name, ids=len(set(ids)), hidden=len(stored), already_deleted=len(erased))
+
+
+def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watch: bool = True,
+               photos: PhotoLimitsConfig | None = None, deletions: str | Path | None = None) -> FastAPI:
+    """The app serving ``models_dir``'s promoted version; ``photos``: what a photo query may cost;
+    ``deletions``: the pipeline's folder of deletion requests (``POST /delete`` writes there, and
+    the items they name are hidden until erased)."""
+    cfg = cfg or ServingConfig()
+    deletions = Path(deletions) if deletions is not None else None
+    holder = ModelHolder(models_dir, cfg.encoder_threads, photos)
+    Query, SearchRequest = query_models(cfg)
+    reader = QueryReader(cfg, holder)
+    batcher: QueryBatcher | None = None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        nonlocal batcher
+        holder.follow(deletions)
+        batcher = QueryBatcher(cfg.search_threads, max_rows=cfg.max_queries, inline_rows=cfg.inline_rows)
+        stop = threading.Event()
+        if watch:
+            threading.Thread(target=holder.watch, args=(stop, cfg.poll_seconds, deletions), name="model-watcher",
+                             daemon=True).start()
+        yield
+        stop.set()
+        batcher.close()
+
+    app = FastAPI(title="lifelong-hashing retrieval", version=__version__, lifespan=lifespan,
+                  description="Cross-modal (image↔text) search over binary codes of a lifelong hashing model.")
+    app.state.holder = holder
+    # Outermost first: a wrong host, then a missing key, is refused before any body is read.
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, timeout=cfg.request_timeout_seconds)
+    app.add_middleware(ApiKey, key=os.environ.get(cfg.api_key_env) or None, open_paths=("/health",))
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(cfg.allowed_hosts))
+    add_error_handlers(app)
+    keyed = {"dependencies": [Security(API_KEY)], "responses": PROBLEMS}
+
+    @app.get("/health", responses=PROBLEMS)
+    async def health() -> HealthResponse:
         """On the event loop, never behind the search threads: it answers while they are busy."""
-        model = served()
-        return {"status": "ok", "model_version": model.version}
+        return HealthResponse(status="ok", model_version=holder.served().version)
 
-    @app.get("/version", responses=problems)
-    def version() -> dict:
-        model = served()
-        return {**model.info(), "project_version": __version__, "last_error": holder.last_error,
-                "fallback": holder.fallback}
+    @app.get("/version", **keyed)
+    def version() -> VersionResponse:
+        return VersionResponse(**holder.served().info(), project_version=__version__, last_error=holder.last_error,
+                               fallback=holder.fallback, hidden=len(holder.hidden))
 
-    def request_schema(model: type[BaseModel]) -> dict:
-        """The body as documented: parsed by ``parse``, not by FastAPI (which would decode the JSON
-        into Python objects first, then validate them: four times slower for a 1,000-float row)."""
-        schema = model.model_json_schema()
-        return {"requestBody": {"required": True, "content": {
-            "application/json": {"schema": schema}, "multipart/form-data": {"schema": multipart_schema(schema)}}}}
-
-    async def read_query(request: Request, model: type[BaseModel]):
-        """The body as a validated query and its photos (None: a features or words query)."""
-        kind = body_kind(request.headers.get("content-type"))
-        try:
-            if kind == "multipart":
-                fields, files = await multipart_query(request, cfg.max_queries)
-                return model.model_validate(fields), files
-            query = model.model_validate_json(await request.body())
-        except ValidationError as err:
-            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors()]) from None
-        return query, None if query.images is None else base64_photos(query.images)
-
-    async def parse(request: Request, model: type[BaseModel]):
-        """Body → validated query and its encoder inputs, or a 4xx naming what is wrong."""
-        query, files = await read_query(request, model)
-        served_model = served()
-        if files is not None:
-            if query.features is not None or query.words is not None:
-                raise QueryError("send exactly one of 'features', 'words' or a photo")
-            return query, served_model, await run_in_threadpool(served_model.photos, query.modality, files)
-        if query.words is None:  # numpy's checks: cheap enough for the event loop
-            return query, served_model, served_model.features(query.modality, query.features, None)
-        return query, served_model, await run_in_threadpool(served_model.features, query.modality, query.features,
-                                                            query.words)
-
-    @app.post("/encode", responses={**problems, 200: {"model": EncodeResponse}}, response_class=Response,
-              openapi_extra=request_schema(Query))
+    @app.post("/encode", **{**keyed, "responses": {**PROBLEMS, 200: {"model": EncodeResponse}}},
+              response_class=Response, openapi_extra=request_schema(Query))
     async def encode(request: Request) -> Response:
-        query, model, x = await parse(request, Query)
+        query, model, x = await reader.parse(request, Query)
         width = model.bits // 8
 
         def render(codes) -> Response:
@@ -347,16 +426,11 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
                                     functools.partial(model.encode, query.modality), render,
                                     inline=x.dtype != np.uint8)  # a photo's backbone is too slow for the loop
 
-    @app.post("/search", responses={**problems, 200: {"model": SearchResponse}}, response_class=Response,
-              openapi_extra=request_schema(SearchRequest))
+    @app.post("/search", **{**keyed, "responses": {**PROBLEMS, 200: {"model": SearchResponse}}},
+              response_class=Response, openapi_extra=request_schema(SearchRequest))
     async def search(request: Request) -> Response:
-        query, model, x = await parse(request, SearchRequest)
-        other = "text" if query.modality == "image" else "image"
-        targets = {"other": (other,), "image": ("image",), "text": ("text",), "both": ("image", "text")}[query.target]
-        hits = len(x) * query.k * len(targets)
-        if hits > cfg.max_hits:
-            raise QueryError(f"the request asks for {hits:,} hits (queries × k × targets), over the limit of "
-                             f"{cfg.max_hits:,}: send fewer queries or a smaller k")
+        query, model, x = await reader.parse(request, SearchRequest)
+        targets = search_targets(query, cfg, len(x))
         where = query.filter.item_filter() if query.filter else None
         model.check_filter(where)
         if holder.hidden:
@@ -366,34 +440,14 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
             functools.partial(model.search, query.modality, k=query.k, radius=query.radius, targets=targets,
                               where=where),
             lambda results: _json({"model_version": model.version, "results": results}),
-            inline=hits <= cfg.inline_hits and x.dtype != np.uint8)
+            inline=len(x) * query.k * len(targets) <= cfg.inline_hits and x.dtype != np.uint8)
 
-    @app.post("/delete", status_code=202, responses=problems)
+    @app.post("/delete", status_code=202, **keyed)
     def delete(body: DeleteRequest) -> DeleteResponse:
         """Ask the pipeline to erase items: a deletion request goes into its deletions folder,
         and the items are hidden from every search at once, until a version without them is
         served. An id that is neither served nor erased before is a 422, and nothing is asked."""
-        if deletions is None:
-            raise _Unavailable("deletion requests are not configured (pipeline.deletions)")
-        model = served()
-        stored = set(model.store.ids[model.store.rows_present(body.ids)].tolist())
-        erased = {i for i in body.ids if i not in stored and deleted_id_hash(i) in model.deleted}
-        unknown = [i for i in dict.fromkeys(body.ids) if i not in stored and i not in erased]
-        if unknown:
-            more = f" and {len(unknown) - 5:,} more" if len(unknown) > 5 else ""
-            raise QueryError(f"ids not in the catalogue: {', '.join(map(shown, unknown[:5]))}{more}; nothing was "
-                             "requested")
-        if not stored:  # every one erased before: nothing to ask
-            return DeleteResponse(request=None, ids=len(set(body.ids)), hidden=0, already_deleted=len(erased))
-        try:
-            request = write_deletion_request(deletions, list(dict.fromkeys(body.ids)))
-        except BatchError as err:
-            raise QueryError(str(err)) from None
-        holder.submitted |= stored
-        holder.hide(pending_deletion_ids(deletions))
-        log.info("deletion request %s: %d ids (%d already erased)", request.name, len(body.ids), len(erased))
-        return DeleteResponse(request=request.name, ids=len(set(body.ids)), hidden=len(stored),
-                              already_deleted=len(erased))
+        return submit_deletion(holder, deletions, body.ids)
 
     return app
 
