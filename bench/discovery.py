@@ -8,7 +8,9 @@ the negatives calibrate the threshold (``discovery.calibrate``, as the pipeline 
 evaluation queries), the other half are scored.
 
 Per novelty score (``discovery.SCORES``; ``nearest_item``, the Hamming distance to the nearest
-stored item, is the simple baseline): AUROC of new vs known, and at the calibrated threshold the
+stored item, is the issue's simple baseline; ``nearest_sample`` the same baseline given every
+advantage the pipeline's score has: the reference samples' input features, per-modality scaling,
+the larger modality): AUROC of new vs known, and at the calibrated threshold the
 share of flagged items that are new (precision) and of new items flagged (recall). The flagged
 items of each score are grouped into proposals (``discovery.propose``); purity and NMI against
 the items' true label sets (a flagged known item counts as the label "known"). Wikipedia and
@@ -93,7 +95,8 @@ def score_case(dataset: str, seed: int) -> list[dict]:
     model = discovery.NoveltyModel.fit(state.store, state.reference, calibration, QUANTILE)
     scorers = {"mahalanobis": model.scores,
                "prototype": lambda b: discovery.prototype_scores(state.method, state.store, b),
-               "nearest_item": lambda b: discovery.nearest_item_scores(state.method, state.store, b)}
+               "nearest_item": lambda b: discovery.nearest_item_scores(state.method, state.store, b),
+               "nearest_sample": lambda b: discovery.nearest_sample_scores(state.reference, calibration, b)}
     rows = []
     for score, scorer in scorers.items():
         s = scorer(candidates)

@@ -276,19 +276,22 @@ def filters_table(r: dict) -> str:
     return "\n".join(out)
 
 
+DISCOVERY_SCORES = {"mahalanobis": " (the pipeline's)", "prototype": "",
+                    "nearest_item": " (baseline, stored codes)", "nearest_sample": " (baseline, the same data)"}
+
+
 def discovery_table(r: dict) -> str:
     """bench/discovery.py: novelty scores on held-out categories, mean ± sd over the seeds."""
     out = ["| dataset | new categories | positives / negatives | score | AUROC | flagged | precision | recall "
            "| known flagged | proposals | purity | NMI |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(row["dataset"], row["score"]) for row in r["rows"]},
-                  key=lambda k: (k[0] != "wikipedia", ("mahalanobis", "prototype", "nearest_item").index(k[1])))
+                  key=lambda k: (k[0] != "wikipedia", list(DISCOVERY_SCORES).index(k[1])))
     for dataset, score in keys:
         rows = [row for row in r["rows"] if row["dataset"] == dataset and row["score"] == score]
         cell = {k: pm(mean_sd([row.get(k, float("nan")) for row in rows]), 3)
                 for k in ("auroc", "precision", "recall", "known_flagged", "purity", "nmi")}
         first = rows[0]
-        name = score + (" (baseline)" if score == "nearest_item" else " (the pipeline's)" if score == "mahalanobis"
-                        else "")
+        name = score + DISCOVERY_SCORES[score]
         out.append(f"| {dataset} | {', '.join(first['new_categories'])} | {first['positives']} / {first['negatives']} "
                    f"| {name} | {cell['auroc']} | {np.mean([row['flagged'] for row in rows]):.0f} "
                    f"| {cell['precision']} | {cell['recall']} | {cell['known_flagged']} "

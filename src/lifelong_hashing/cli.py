@@ -171,7 +171,7 @@ def _data_command(args, params) -> int:
         from lifelong_hashing.engine.images import PhotoReader
         from lifelong_hashing.operations.validation import BatchExpectations, validate_batch
 
-        expected = (BatchExpectations.from_state(load_state(args.state)) if args.state
+        expected = (BatchExpectations.from_state(load_state(args.state), params.pipeline.repeated_ids) if args.state
                     else BatchExpectations.none(PhotoReader.from_params(params)))
         result = validate_batch(args.batch, expected, params.validation, args.out)
         print(result.summary())

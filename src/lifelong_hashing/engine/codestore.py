@@ -206,11 +206,9 @@ class CodeStore:
         ids = np.asarray(ids).astype(str)
         if not len(self):
             raise CodeStoreError(f"ids not in the store (it is empty): {ids[:5].tolist()}")
-        order = np.argsort(self.ids, kind="stable")
-        rows = order[np.minimum(np.searchsorted(self.ids, ids, sorter=order), len(self) - 1)]
-        missing = self.ids[rows] != ids
-        if missing.any():
-            raise CodeStoreError(f"ids not in the store: {ids[missing][:5].tolist()}")
+        rows, found = self._lookup(ids)
+        if not found.all():
+            raise CodeStoreError(f"ids not in the store: {ids[~found][:5].tolist()}")
         return rows
 
     def remove(self, ids) -> int:
@@ -272,13 +270,17 @@ class CodeStore:
         return self._derived["id_order"]
 
     def rows_present(self, ids) -> np.ndarray:
-        """The rows of those of ``ids`` that are stored (the others are left out), by binary search."""
+        """The rows of those of ``ids`` that are stored (the others are left out)."""
         if not len(self):
             return np.empty(0, np.int64)
+        rows, found = self._lookup(np.asarray(list(ids), dtype=str))
+        return rows[found]
+
+    def _lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each id's row (by binary search in the sorted ids) and whether it is stored at all."""
         order, ordered = self._id_order()
-        ids = np.asarray(sorted(ids), dtype=str)
         at = np.minimum(np.searchsorted(ordered, ids), len(self) - 1)
-        return order[at[ordered[at] == ids]]
+        return order[at], ordered[at] == ids
 
     def id_prefix_mask(self, prefix: str) -> np.ndarray:
         """(n,) bool, ids starting with ``prefix``: a range of the sorted ids, not a string

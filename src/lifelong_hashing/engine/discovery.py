@@ -13,8 +13,9 @@ send every item to some known class code, so an item of a new category lands nea
 category. The larger of the two modalities, because one side may carry no category signal at all
 (Wikipedia's SIFT images), and it must not drown the other. The choice among this,
 ``prototype_scores`` (the encoders' outputs against the class prototypes, the mean stored code
-of each category) and the issue's simple baseline ``nearest_item_scores`` (the Hamming distance
-to the nearest stored item) was made on a tuning seed (``bench/discovery.py --tuning``).
+of each category), the issue's simple baseline ``nearest_item_scores`` (the Hamming distance
+to the nearest stored item) and that baseline given this score's data and scaling
+(``nearest_sample_scores``) was made on a tuning seed (``bench/discovery.py --tuning``).
 
 **Threshold**: the ``quantile`` of the held-out known items' scores, so that about 1 − quantile
 of known items are flagged by mistake, whatever the scale on this model.
@@ -35,7 +36,7 @@ from lifelong_hashing.engine.codestore import MODALITIES, CodeStore, unpack_code
 from lifelong_hashing.engine.methods import Method
 from lifelong_hashing.engine.reference import ReferenceProfile
 
-SCORES = ("mahalanobis", "prototype", "nearest_item")
+SCORES = ("mahalanobis", "prototype", "nearest_item", "nearest_sample")
 MAX_PROPOSALS = 8
 MIN_PROPOSAL_SIZE = 3
 SHRINKAGE = 1e-3  # of the covariance's mean variance, added to its diagonal: a full-rank inverse
@@ -69,9 +70,7 @@ class NoveltyModel:
             cov += SHRINKAGE * np.trace(cov) / len(cov) * np.eye(len(cov))
             precisions[modality] = np.linalg.inv(cov)
         model = cls(classes, means, precisions, {m: (0.0, 1.0) for m in MODALITIES})
-        raw = model.distances(calibration)
-        model.scales = {m: (float(np.median(d)), float(np.subtract(*np.quantile(d, [0.75, 0.25]))) or 1.0)
-                        for m, d in raw.items()}
+        model.scales = scales_of(model.distances(calibration))
         model.threshold = calibrate(model.scores(calibration), quantile)
         return model
 
@@ -91,14 +90,12 @@ class NoveltyModel:
 
     def class_distances(self, batch: Batch) -> np.ndarray:
         """(n, classes): per known category, the larger of the modalities' scaled distances."""
-        raw = self._squared(batch)
-        return np.max([(raw[m] - self.scales[m][0]) / self.scales[m][1] for m in MODALITIES], axis=0)
+        return larger_scaled(self._squared(batch), self.scales)
 
     def scores(self, batch: Batch) -> np.ndarray:
         """(n,) the larger of the modalities' distances to the nearest known category, each on
         the held-out known items' scale."""
-        raw = self.distances(batch)
-        return np.max([(raw[m] - self.scales[m][0]) / self.scales[m][1] for m in MODALITIES], axis=0)
+        return larger_scaled(self.distances(batch), self.scales)
 
     def whitened(self, batch: Batch) -> np.ndarray:
         """Both modalities' features whitened by their precision, concatenated: the space the
@@ -109,6 +106,27 @@ class NoveltyModel:
             root = np.linalg.cholesky(self.precisions[modality])
             parts.append(_unit(x @ root))
         return np.concatenate(parts, axis=1)
+
+
+def scales_of(raw: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
+    """Per modality, the median and interquartile range of held-out known items' raw scores."""
+    return {m: (float(np.median(d)), float(np.subtract(*np.quantile(d, [0.75, 0.25]))) or 1.0) for m, d in raw.items()}
+
+
+def larger_scaled(raw: dict[str, np.ndarray], scales: dict[str, tuple[float, float]]) -> np.ndarray:
+    """The larger of the modalities' raw scores, each put on its held-out known items' scale."""
+    return np.max([(raw[m] - scales[m][0]) / scales[m][1] for m in MODALITIES], axis=0)
+
+
+def nearest_sample_scores(reference: ReferenceProfile, calibration: Batch, batch: Batch) -> np.ndarray:
+    """The nearest-stored-item baseline given the score's own advantages: the same reference
+    samples, input features, per-modality scaling and larger modality, but one minus the cosine
+    to the nearest sample instead of a class-conditional distance."""
+    def raw(b: Batch) -> dict[str, np.ndarray]:
+        return {m: 1.0 - (_unit(getattr(b, m).reshape(len(b), -1).astype(np.float64))
+                          @ _unit(reference.samples[m].astype(np.float64)).T).max(axis=1) for m in MODALITIES}
+
+    return larger_scaled(raw(batch), scales_of(raw(calibration)))
 
 
 def class_prototypes(store: CodeStore) -> np.ndarray:

@@ -132,8 +132,7 @@ def delete_items(state: RunState, ids, queries: Batch, scorer: Scorer = query_sc
     fresh = ids[stored]
     counts = {"requested": len(ids), "already_deleted": int((~stored).sum()), "deleted": 0}
     if len(fresh):
-        counts.update(deleted=state.store.remove(fresh), memory_rows=state.method.forget(fresh),
-                      reference_rows=state.reference.remove(fresh), photos=_forget_photos(state, fresh))
+        counts.update(_take_out(state, fresh))
         state.deleted |= {deleted_id_hash(i) for i in fresh}
         record = state.history[-1]
         record.update(evaluate_stage(state.method, state.store, queries, stage_groups(state), state.params, scorer))
@@ -147,12 +146,14 @@ def remove_for_update(state: RunState, ids) -> int:
     replace them (``pipeline.repeated_ids: replace``): their codes, memory rows, reference
     samples and photos go, as in a deletion, but they leave no tombstone. How many."""
     present = state.store.ids[state.store.rows_present(np.asarray(ids).astype(str).tolist())]
-    if not len(present):
-        return 0
-    state.method.forget(present)
-    state.reference.remove(present)
-    _forget_photos(state, present)
-    return state.store.remove(present)
+    return _take_out(state, present)["deleted"] if len(present) else 0
+
+
+def _take_out(state: RunState, ids: np.ndarray) -> dict:
+    """Stored items out of everything that holds them: the code store, what the method keeps of
+    them, the reference samples and the parity photos. What went where."""
+    return {"deleted": state.store.remove(ids), "memory_rows": state.method.forget(ids),
+            "reference_rows": state.reference.remove(ids), "photos": _forget_photos(state, ids)}
 
 
 def _forget_photos(state: RunState, ids: np.ndarray) -> int:
