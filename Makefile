@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast browser pipeline prefect-server schedule repro rollback validate monitor compare serve \
+.PHONY: run test test-fast browser pipeline prefect-server deployment repro rollback validate monitor compare serve \
 	bench bench-small bench-quality bench-quality-small bench-photos tune docs lint clean
 
 $(STAMP): pyproject.toml
@@ -32,17 +32,17 @@ pipeline: $(STAMP)
 prefect-server: $(STAMP)
 	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
-# Serve the pipeline as a scheduled deployment (pipeline.schedule) against that server
-schedule: $(STAMP)
-	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.serve
+# The deployment of prefect.yaml on that server: work pool, prefect deploy, a worker, the arrival watcher
+deployment: $(STAMP)
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.deployment
 
 # dvc.yaml: the whole stage sequence from the raw data (lhash run + lhash export)
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-# Serve an earlier pipeline version again: make rollback TAG=model-v2
+# Make an earlier pipeline version current and served again: make rollback VERSION=v0002
 rollback: $(STAMP)
-	$(BIN)/lhash rollback "$(TAG)"
+	$(BIN)/lhash rollback "$(VERSION)"
 
 # Check a batch before it is trained on: make validate BATCH=path/to/batch.npz
 validate: $(STAMP)

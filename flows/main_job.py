@@ -53,7 +53,7 @@ metrics:        {registry.metrics_path}  (cd {registry.root} && dvc metrics show
 reports:        {registry.reports_dir / 'monitoring'} (Evidently)
                 {registry.reports_dir / 'validation'} (Great Expectations)
 dashboard:      evidently ui --workspace {registry.evidently_workspace}
-versions:       git -C {registry.root} tag  (roll back: lhash rollback model-vN)""")
+registry:       gto show -r {registry.root}; gto history -r {registry.root}  (roll back: lhash rollback vN)""")
     return 0
 
 

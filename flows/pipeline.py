@@ -3,7 +3,7 @@
 succeeded, the served version.
 
     python -m flows.pipeline [--params params.yaml] [-S key=value ...]   # one run, now
-    python -m flows.serve                                                # on a schedule
+    python -m flows.deployment      # the deployment of prefect.yaml: on each arrival, and every 5 minutes
 
 Without ``PREFECT_API_URL`` a run starts Prefect's temporary local server by itself.
 """
@@ -25,7 +25,6 @@ from prefect.input import RunInput
 
 from lifelong_hashing.config import DaskConfig, EvalConfig, Params, add_params_arguments, load_params, parse_overrides
 from lifelong_hashing.engine import sharding
-from lifelong_hashing.engine.requests import REQUEST_SUFFIX
 from lifelong_hashing.engine.runner import Scorer
 from lifelong_hashing.engine.state import save_method
 from lifelong_hashing.operations import discovery, erasure, pipeline
@@ -38,9 +37,9 @@ STEP = {"cache_policy": NO_CACHE, "persist_result": False}
 def scan(registry: Registry, params: Params) -> tuple[pipeline.Scan, pipeline.Scan]:
     """Deletion requests, then batches."""
     manifest = pipeline.read_manifest(registry)
-    return (pipeline.scan_incoming(params.pipeline.deletions, manifest, REQUEST_SUFFIX, pipeline.DELETIONS_KEY,
-                                   "deletion request"),
-            pipeline.scan_incoming(params.pipeline.incoming, manifest))
+    (deletions, (suffix, kind)), (incoming, _) = pipeline.arrival_folders(params).items()
+    return (pipeline.scan_incoming(deletions, manifest, suffix, pipeline.DELETIONS_KEY, kind),
+            pipeline.scan_incoming(incoming, manifest))
 
 
 @task(name="validate", **STEP)  # no retries: the same bytes get the same verdict

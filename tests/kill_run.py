@@ -3,7 +3,9 @@
     python tests/kill_run.py POINT [flows.pipeline arguments]
 
 POINT is ``after:<step>`` (a step of ``operations.pipeline`` or ``Registry.begin`` returned),
-``before:<step>``, ``after:<tool> <command>`` (``git tag``, ``dvc push``, ...: the command
+``before:<step>`` (also ``point_serving_at``: the pointer write after ``prod`` was assigned),
+``after:gto <register|assign>`` (GTO wrote the tag: it writes through its own git library, not
+a subprocess), ``after:<tool> <command>`` (``git commit``, ``dvc push``, ...: the command
 finished) or ``inside:<tool> <command>:<seconds>`` (that many seconds into the command). The
 whole process group dies at once, the flow and its git and DVC children, as when a machine loses
 power or an operator kills the run: nothing gets to clean up. Exits normally (status 0 or 1)
@@ -17,6 +19,8 @@ import os
 import signal
 import sys
 import threading
+
+import gto.api
 
 from flows.pipeline import main
 from lifelong_hashing.operations import pipeline, registry
@@ -61,8 +65,12 @@ def install(point: str) -> None:
     if what.split()[0] in ("git", "dvc"):
         command, _, delay = what.partition(":")
         at_tool(when, command, float(delay or 0))
+    elif what.startswith("gto "):
+        at_step(when, gto.api, what.split()[1])
     elif what == "begin":
         at_step(when, registry.Registry, "begin")
+    elif what == "point_serving_at":
+        at_step(when, registry, what)
     else:
         at_step(when, pipeline, what)
 

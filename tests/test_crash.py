@@ -24,7 +24,7 @@ from lifelong_hashing.files import sha256_of
 from lifelong_hashing.inference.retrieval import RetrievalModel
 from lifelong_hashing.inference.versions import current_dir, current_version, version_name
 from lifelong_hashing.operations import pipeline
-from lifelong_hashing.operations.registry import Registry, version_tag
+from lifelong_hashing.operations.registry import Registry, parse_version, version_tag
 
 from .conftest import PARAMS, ROOT, drop, run, settings, snapshot, two_runs_at_once
 
@@ -34,7 +34,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
 KILL_POINTS = [
     "after:pin", "after:validate", "after:train", "after:export", "after:monitor", "after:begin",
     "before:write_metrics", "inside:dvc commit:1.0", "after:dvc commit", "inside:dvc push:1.0", "after:dvc push",
-    "inside:git commit:0.005", "after:git commit", "after:git tag", "after:record", "after:promote", "after:retire",
+    "inside:git commit:0.005", "after:git commit", "after:gto register", "after:gto assign", "after:record",
+    "before:point_serving_at", "after:promote", "after:retire",
 ]
 
 
@@ -71,9 +72,10 @@ def assert_consistent(root: Path, sent: dict[str, Path]) -> None:
         batch_ids = load_batch(path).ids.tolist()
         assert sum(ids.count(i) for i in batch_ids) == len(batch_ids), f"{name}: items stored other than once"
     tags = ws.tags()
-    assert sorted((e["tag"] for e in manifest.values()), key=lambda t: int(t.split("v")[-1])) == tags
+    assert sorted((e["tag"] for e in manifest.values()), key=lambda t: parse_version(t)) == tags
     served = current_version(ws.models_dir)
-    assert served == version_name(int(tags[-1].split("v")[-1]))
+    assert served == version_name(parse_version(tags[-1]))
+    assert ws.in_stage("prod") == ws.in_stage("staging") == parse_version(tags[-1])
     assert json.loads(ws.metrics_path.read_text())["version"] == served
     model = RetrievalModel(current_dir(ws.models_dir))
     x = load_batch(next(iter(sent.values()))).text[:2]
@@ -97,7 +99,7 @@ def test_a_run_killed_at_any_point_is_finished_or_undone_by_the_next(workspace, 
     for tag in reversed(ws.tags()):  # every version recorded across the kills can be served again
         assert lhash(["--params", PARAMS, "-S", f"pipeline.workspace={ws.root}", "-S",
                       f"pipeline.remote={ws.remote}", "rollback", tag]) == 0
-        assert current_version(ws.models_dir) == version_name(int(tag.split("v")[-1]))
+        assert current_version(ws.models_dir) == version_name(parse_version(tag))
         RetrievalModel(current_dir(ws.models_dir))
 
 
@@ -259,7 +261,7 @@ def test_two_runs_started_at_once_on_a_fresh_workspace_create_it_once(tmp_path, 
     drop(stage_files[0], tmp_path)
     two_runs_at_once(tmp_path)
     ws = Registry(tmp_path / "ws", str(tmp_path / "remote"))
-    assert ws.tags() == ["model-v1"] and current_version(ws.models_dir) == "v0001"
+    assert ws.tags() == [version_tag(1)] and current_version(ws.models_dir) == "v0001"
     subprocess.run(["git", "fsck", "--strict"], cwd=ws.root, check=True, capture_output=True)
 
 

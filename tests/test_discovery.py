@@ -19,7 +19,7 @@ from lifelong_hashing.engine.batch import Batch, load_batch, make_batch, save_ba
 from lifelong_hashing.engine.runner import build_plan
 from lifelong_hashing.engine.state import load_state
 from lifelong_hashing.operations.discovery import ProposalAnswer, named_groups
-from lifelong_hashing.operations.registry import Registry
+from lifelong_hashing.operations.registry import Registry, version_tag
 
 from .conftest import PARAMS, WIKIPEDIA, drop, run, serving_pipeline, settings, thread_in_context
 
@@ -105,7 +105,7 @@ def test_unlabelled_arrivals_are_flagged_proposed_named_in_prefect_learned_and_s
     assert state.is_completed(), state.message
     (done,) = state.result()
     assert "error" in done["named"] and (ws.reports_dir / "discovery" / "v0004.json").exists()
-    assert not (root / "incoming" / "discovered-v0004.npz").exists() and ws.tags()[-1] == "model-v4"
+    assert not (root / "incoming" / "discovered-v0004.npz").exists() and ws.tags()[-1] == version_tag(4)
     late = json.loads((ws.reports_dir / "discovery" / "v0004.json").read_text())["proposals"][0]
     answers = root / "answers.json"  # answered later, from the command line
     answers.write_text(json.dumps([{"proposal": late["number"], "decision": "accept", "name": "found-two"}]))

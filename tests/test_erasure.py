@@ -22,7 +22,7 @@ import pytest
 from lifelong_hashing.engine.batch import Batch, load_batch, save_batch
 from lifelong_hashing.engine.state import load_state
 from lifelong_hashing.inference.versions import current_version, list_versions
-from lifelong_hashing.operations.registry import Registry
+from lifelong_hashing.operations.registry import Registry, version_tag
 
 from .conftest import PARAMS, ROOT, drop, run, serving_pipeline, settings, snapshot, wait_for
 
@@ -112,7 +112,7 @@ def test_a_takedown_is_hidden_at_once_then_erased_everywhere_and_purged_from_his
     assert not list((root / "deletions").glob("*.txt"))  # the request retired
 
     assert lhash(root, "delete", "--ids", *victims).returncode == 0  # again, as a request: a no-op
-    assert run(root).is_completed() and ws.tags() == ["model-v1", "model-v2", "model-v3"]
+    assert run(root).is_completed() and ws.tags() == [version_tag(1), version_tag(2), version_tag(3)]
     assert not list((root / "deletions").glob("*.txt"))
 
     before = snapshot(root)
@@ -122,15 +122,15 @@ def test_a_takedown_is_hidden_at_once_then_erased_everywhere_and_purged_from_his
     assert any("ids not in the store: 'no-such-item'" in r["reason"] for r in reasons if r["file"] == "typo.txt")
     assert snapshot(root) == before
 
-    refused = lhash(root, "rollback", "model-v2")
-    assert refused.returncode == 2 and "before the erasure recorded as model-v3" in refused.stderr, refused.stderr
+    refused = lhash(root, "rollback", "v0002")
+    assert refused.returncode == 2 and "before the erasure recorded as v0003" in refused.stderr, refused.stderr
     assert holders(ws.root / ".dvc" / "cache", victims) and holders(root / "remote", victims)  # history keeps them
     purged = lhash(root, "purge")
     assert purged.returncode == 0, purged.stderr
     assert not holders(ws.root / ".dvc" / "cache", victims) and not holders(root / "remote", victims)
     assert not any(v in ws.git("log", "-p", "--all") for v in victims)  # git never held item data
-    restored = lhash(root, "rollback", "model-v3")
-    assert restored.returncode == 0 and "serving v0003" in restored.stdout, restored.stderr
+    restored = lhash(root, "rollback", "v0003")
+    assert restored.returncode == 0 and "restored v0003" in restored.stdout, restored.stderr
 
 
 def _key(batch_file: Path) -> str:

@@ -14,7 +14,7 @@ import pytest
 from lifelong_hashing.config import EMBEDDED_DATASETS
 from lifelong_hashing.files import write_npz
 from lifelong_hashing.inference.versions import current_version
-from lifelong_hashing.operations.registry import Registry
+from lifelong_hashing.operations.registry import Registry, version_tag
 
 from .conftest import drop, run, serving_pipeline, snapshot
 from .test_images import MIRFLICKR, photo_bytes
@@ -66,7 +66,7 @@ def test_photo_batches_are_learned_versioned_and_served_and_a_broken_photo_is_qu
     drop(photo_batch(tmp_path / "photos-2.npz", range(160, 300), names[16:]), tmp_path)
     state = run(tmp_path, **PHOTO_MODEL)
     assert state.is_completed(), state.message
-    assert current_version(ws.models_dir) == "v0002" and ws.tags()[-1] == "model-v2"
+    assert current_version(ws.models_dir) == "v0002" and ws.tags()[-1] == version_tag(2)
 
     with serving_pipeline(tmp_path, **PHOTO_MODEL) as url:
         photo = photo_bytes(250)

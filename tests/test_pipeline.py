@@ -23,7 +23,7 @@ from lifelong_hashing.engine.codestore import CodeStore
 from lifelong_hashing.engine.runner import build_plan, run_stage
 from lifelong_hashing.engine.state import new_state
 from lifelong_hashing.inference.versions import current_version
-from lifelong_hashing.operations.registry import Registry
+from lifelong_hashing.operations.registry import Registry, version_tag
 
 from .conftest import PARAMS, ROOT, drop, run, serving_pipeline, settings, snapshot, two_runs_at_once
 
@@ -58,9 +58,23 @@ def test_the_flow_serves_the_codes_lhash_run_trains(base_workspace):
         np.testing.assert_array_equal(served.codes[modality], state.store.codes[modality])
 
 
+def gto_show(ws: Registry) -> dict:
+    """What the real ``gto show`` reports for the workspace's model."""
+    out = subprocess.run([str(Path(sys.executable).parent / "gto"), "show", "--json", "-r", str(ws.root)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["hashing-model"]
+
+
+def prod_by_dvc(ws: Registry) -> str:
+    """The commit DVC's API says is in prod."""
+    from dvc.api import artifacts_show
+
+    return artifacts_show("hashing-model", stage="prod", repo=str(ws.root))["rev"]
+
+
 def test_increments_append_duplicate_and_rollback(workspace, stage_files):
     ws = Registry(workspace / "ws", str(workspace / "remote"))
-    assert current_version(ws.models_dir) == "v0001" and ws.tags() == ["model-v1"]
+    assert current_version(ws.models_dir) == "v0001" and ws.tags() == [version_tag(1)]
 
     drop(stage_files[1], workspace)
     drop(stage_files[2], workspace)
@@ -70,7 +84,7 @@ def test_increments_append_duplicate_and_rollback(workspace, stage_files):
     assert [(o["kind"], o["version"], o["new_categories"]) for o in outcomes] == [
         ("increment", "v0002", ["literature", "media"]), ("increment", "v0003", ["music", "royalty"])]
     assert current_version(ws.models_dir) == "v0003"
-    assert ws.tags() == ["model-v1", "model-v2", "model-v3"]
+    assert ws.tags() == [version_tag(1), version_tag(2), version_tag(3)]
     assert not list((workspace / "incoming").iterdir())
     assert ws.git("status", "--porcelain") == ""
     assert json.loads(ws.dvc("status", "--json")) == {}
@@ -107,18 +121,41 @@ def test_increments_append_duplicate_and_rollback(workspace, stage_files):
     drop(extra, workspace, "extra-again.npz")
     state = run(workspace)
     assert state.is_completed() and state.result() == []
-    assert ws.tags()[-1] == "model-v4" and not list((workspace / "incoming").iterdir())
+    assert ws.tags()[-1] == version_tag(4) and not list((workspace / "incoming").iterdir())
 
-    # Rollback: the CLI restores model-v2 and serves it; the next version is still new.
+    # The registry: each version registered and staged, the latest in prod, as GTO and DVC see it.
+    shown = gto_show(ws)
+    assert shown["version"] == "v1.4.0" and shown["stage"] == {"staging": "v1.4.0", "prod": "v1.4.0"}
+    assert prod_by_dvc(ws) == ws.git("rev-parse", "HEAD").strip()
+    history = subprocess.run([str(Path(sys.executable).parent / "gto"), "history", "-r", str(ws.root)],
+                             capture_output=True, text=True, check=True).stdout
+    assert all(f"hashing-model@v1.{n}.0" in history for n in range(1, 5))
+
+    # Promotion speaks in versions and stages: prod also serves, the training state stays.
     argv = ["--params", PARAMS] + [f"-S{k}={json.dumps(v)}" for k, v in settings(workspace).items()]
-    assert lhash(argv + ["rollback", "model-v2"]) == 0
+    assert lhash(argv + ["promote", "v1.3.0", "--stage", "prod"]) == 0
+    assert current_version(ws.models_dir) == "v0003" and gto_show(ws)["stage"]["prod"] == "v1.3.0"
+    assert json.loads(ws.state_dir.joinpath("state.json").read_text())["stage"] == 2
+    assert lhash(argv + ["promote", "v0004", "--stage", "prod"]) == 0 and gto_show(ws)["stage"]["prod"] == "v1.4.0"
+
+    # Rollback: v0002's model, state and history come back as a new commit, in prod and served;
+    # the next version is still new.
+    assert lhash(argv + ["rollback", "v0002"]) == 0
     assert current_version(ws.models_dir) == "v0002"
+    assert gto_show(ws)["stage"] == {"staging": "v1.4.0", "prod": "v1.2.0"}
+    assert prod_by_dvc(ws) == ws.git("rev-parse", version_tag(2) + "^{commit}").strip()
     assert json.loads(ws.state_dir.joinpath("state.json").read_text())["stage"] == 1
     assert not (ws.models_dir / "versions" / "v0003").exists()
     assert json.loads(ws.dvc("status", "--json")) == {} and ws.git("status", "--porcelain") == ""
     assert ws.next_number() == 5
-    assert lhash(argv + ["rollback", "model-v9"]) == 2
-    assert lhash(["-S", f"pipeline.workspace={workspace / 'nowhere'}", "rollback", "model-v1"]) == 2
+    assert lhash(argv + ["rollback", "v0009"]) == 2
+    assert lhash(argv + ["promote", "v0003", "--stage", "prod"]) == 2  # not in the rolled-back tree
+    assert current_version(ws.models_dir) == "v0002" and gto_show(ws)["stage"]["prod"] == "v1.2.0"
+    assert lhash(["-S", f"pipeline.workspace={workspace / 'nowhere'}", "rollback", "v0001"]) == 2
+
+    # A run finds serving as the registry has it (rolled back: nothing re-promoted).
+    state = run(workspace)
+    assert state.is_completed() and current_version(ws.models_dir) == "v0002"
 
 
 def test_bad_batch_is_quarantined_and_nothing_changes(workspace, stage_files):
@@ -136,6 +173,39 @@ def test_bad_batch_is_quarantined_and_nothing_changes(workspace, stage_files):
     assert reason["file"] == "bad.npz" and "finite" in reason["reason"] and "(1 of 380 items)" in reason["reason"]
     assert (kept / "batch.npz").exists() and (kept / "validation" / "validation.json").exists()
     assert not list((workspace / "incoming").iterdir())
+    assert snapshot(workspace) == before
+
+
+def test_the_data_contract_is_a_gx_suite_versioned_with_each_version(workspace, stage_files):
+    """The suite batches meet is GX's File Data Context in the workspace (git): what the model
+    learned is a run-time parameter, so the suite file changes only when the contract does, and
+    a rejected batch changes nothing."""
+    import great_expectations as gx
+
+    ws = Registry(workspace / "ws", str(workspace / "remote"))
+    suite_file = "gx/expectations/incoming_batch.json"
+    assert suite_file in ws.git("ls-files", "gx").split()
+    for stage in (1, 2):
+        drop(stage_files[stage], workspace)
+        assert run(workspace).is_completed()
+    changed = {n: ws.git("diff", "--stat", version_tag(n), version_tag(n + 1), "--", "gx") for n in (1, 2)}
+    assert suite_file in changed[1] and changed[2] == ""  # the model's shapes came in at v2; v3 kept the suite
+    suite = gx.get_context(mode="file", project_root_dir=str(ws.root)).suites.get("incoming_batch")
+    parameters = {json.dumps(e.configuration.kwargs.get(k)) for e in suite.expectations for k in ("value_set",
+                                                                                                    "max_value")}
+    assert {'{"$PARAMETER": "image_shape"}', '{"$PARAMETER": "text_shape"}', '{"$PARAMETER": "max_labels"}'} \
+        <= parameters
+    assert (ws.contract_dir / "uncommitted" / "data_docs" / "local_site" / "expectations" /
+            "incoming_batch.html").exists()
+
+    before = snapshot(workspace)
+    with np.load(stage_files[3]) as npz:
+        arrays = dict(npz)
+    arrays["text"] = arrays["text"][:, :999]  # one dimension short of the model's
+    np.savez(workspace / "short.npz", **arrays)
+    drop(workspace / "short.npz", workspace)
+    state = run(workspace)
+    assert state.is_failed() and "text features have the model's 1000 dimensions" in state.message, state.message
     assert snapshot(workspace) == before
 
 
@@ -192,14 +262,14 @@ def test_concurrent_runs_process_a_batch_once(workspace, stage_files):
     states = two_runs_at_once(workspace)
     assert sorted(len(s.result()) for s in states) == [0, 1]
     ws = Registry(workspace / "ws", "")
-    assert ws.tags() == ["model-v1", "model-v2"] and current_version(ws.models_dir) == "v0002"
+    assert ws.tags() == [version_tag(1), version_tag(2)] and current_version(ws.models_dir) == "v0002"
     subprocess.run(["git", "fsck", "--strict"], cwd=ws.root, check=True, capture_output=True)
     assert json.loads(ws.dvc("status", "--json")) == {}
 
 
 def test_a_run_serves_the_recorded_version_when_promotion_was_cut_short(workspace, stage_files):
     models = workspace / "ws" / "models"
-    (models / "CURRENT").unlink()  # as if the last run died between `version` and `promote`
+    (models / "CURRENT").unlink()  # as if the last run died between assigning prod and the pointer
     link = workspace / "incoming" / "elsewhere.npz"
     link.symlink_to(stage_files[1])  # a name never leads outside the incoming folder
     (workspace / "incoming" / ".upload-in-progress.npz").write_bytes(b"partial")
@@ -337,7 +407,7 @@ def test_unlabelled_items_are_appended_with_encoder_codes_and_found_by_the_servi
     assert state.is_completed(), state.message
     (outcome,) = state.result()
     assert outcome["kind"] == "append" and outcome["version"] == "v0002"
-    assert ws.tags()[-1] == "model-v2" and ws.git("status", "--porcelain") == ""
+    assert ws.tags()[-1] == version_tag(2) and ws.git("status", "--porcelain") == ""
     version = ws.models_dir / "versions" / "v0002"
     served = CodeStore.load(version / "codes.npz")
     rows = served.rows_of(unlabelled.ids)

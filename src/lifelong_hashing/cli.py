@@ -14,6 +14,7 @@ from lifelong_hashing.config import METHOD_NAMES, ConfigError, add_params_argume
 from lifelong_hashing.engine.batch import BatchError
 from lifelong_hashing.engine.codestore import CodeStoreError
 from lifelong_hashing.engine.stages import StagePlanError
+from lifelong_hashing.operations.registry import STAGES
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -47,9 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--state", required=True, help="state folder, e.g. runs/wikipedia/state")
     exp.add_argument("--models", help="models folder (default: export.models_dir)")
     exp.add_argument("--promote", action="store_true", help="serve the new version right away")
-    prom = sub.add_parser("promote", help="point serving at a published version")
-    prom.add_argument("version", help="e.g. v0003")
+    prom = sub.add_parser("promote", help="point serving at a published version; with --stage, assign a pipeline "
+                                          "version a registry stage (prod: and serve it)")
+    prom.add_argument("version", help="e.g. v0003 (with --stage also v1.3.0)")
     prom.add_argument("--models", help="models folder (default: export.models_dir)")
+    prom.add_argument("--stage", choices=STAGES, help="a stage of the registry in pipeline.workspace")
     serve = sub.add_parser("serve", help="start the retrieval service on the promoted version")
     serve.add_argument("--models", help="models folder (default: export.models_dir)")
     serve.add_argument("--host", help="default: serving.host")
@@ -72,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     which = erase.add_mutually_exclusive_group(required=True)
     which.add_argument("--ids", nargs="+", help="item ids")
     which.add_argument("--ids-file", help="a text file of item ids, one a line")
-    back = sub.add_parser("rollback", help="serve an earlier pipeline version again (its git tag + dvc checkout); "
-                                           "not one recorded before an erasure")
-    back.add_argument("tag", help="e.g. model-v2 (git tag in pipeline.workspace)")
+    back = sub.add_parser("rollback", help="make an earlier pipeline version current again: its model, code store "
+                                           "and history (dvc checkout), assigned prod and served; not one "
+                                           "recorded before an erasure")
+    back.add_argument("version", help="e.g. v0002 or v1.2.0 (gto show in pipeline.workspace)")
     name = sub.add_parser("name", help="answer a pipeline version's proposed new categories later (the run's "
                                        "Prefect form timed out): the accepted ones become a batch in incoming")
     name.add_argument("version", help="e.g. v0004 (reports/discovery/v0004.json in pipeline.workspace)")
@@ -136,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = load_params(args.params, parse_overrides(args.set))
-        if args.command in ("export", "promote", "serve", "search"):
+        if args.command in ("export", "promote", "serve", "search") and not getattr(args, "stage", None):
             return _production_command(args, params)
-        if args.command in ("rollback", "purge", "name"):
+        if args.command in ("rollback", "purge", "name", "promote"):
             return _workspace_command(args, params)
         if args.command in ("validate", "monitor", "delete"):
             return _data_command(args, params)
@@ -185,7 +189,7 @@ def _data_command(args, params) -> int:
 
 
 def _workspace_command(args, params) -> int:
-    """rollback and purge, on the pipeline's workspace, with its lock held."""
+    """rollback, promote --stage, purge and name, on the pipeline's workspace, with its lock held."""
     from lifelong_hashing.operations import erasure
     from lifelong_hashing.operations.registry import Registry
 
@@ -199,8 +203,13 @@ def _workspace_command(args, params) -> int:
             return 0
         if args.command == "name":
             return _name_proposals(args, params, registry)
-        version = erasure.rollback(registry, args.tag)
-    print(f"{registry.root}: restored {args.tag}; serving {version} from {registry.models_dir}")
+        if args.command == "promote":
+            version = erasure.assign_stage(registry, args.version, args.stage)
+            print(f"{registry.root}: {version} is in {args.stage}"
+                  + (f"; serving it from {registry.models_dir}" if args.stage == "prod" else ""))
+            return 0
+        version = erasure.rollback(registry, args.version)
+    print(f"{registry.root}: restored {version}; it is in prod, served from {registry.models_dir}")
     return 0
 
 

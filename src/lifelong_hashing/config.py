@@ -10,10 +10,34 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MethodName = Literal["joint", "finetune", "dlch", "ccmh_gam", "orthohash"]
 METHOD_NAMES: tuple[str, ...] = MethodName.__args__
+
+
+SECRETS_DIR = Path("/run/secrets")  # Docker's and Kubernetes' secret files, when the folder exists
+
+
+class Environment(BaseSettings):
+    """What comes from the machine rather than params.yaml: secrets and local paths, read from
+    ``LHASH_*`` variables (pydantic-settings), or for secrets from a file of the variable's name
+    in ``/run/secrets`` (e.g. ``/run/secrets/lhash_api_key``). A variable set empty is unset."""
+
+    model_config = SettingsConfigDict(env_prefix="LHASH_", extra="ignore", case_sensitive=False)
+
+    api_key: SecretStr | None = None  # LHASH_API_KEY: every path of the service but /health needs it
+    cache: Path | None = None  # LHASH_CACHE: the converted backbone weights (default ~/.cache/lifelong-hashing)
+
+    @field_validator("api_key", "cache", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        return None if value == "" else value
+
+    @classmethod
+    def read(cls) -> Environment:
+        return cls(_secrets_dir=SECRETS_DIR if SECRETS_DIR.is_dir() else None)
 
 
 class _Strict(BaseModel):
@@ -195,7 +219,6 @@ class ServingConfig(_Strict):
     keep_alive_seconds: int = Field(5, gt=0)  # idle keep-alive connections are closed after this
     backlog: int = Field(512, gt=0)
     allowed_hosts: list[str] = ["127.0.0.1", "localhost", "::1"]  # Host header check; ["*"]: any
-    api_key_env: str = "LHASH_API_KEY"  # when this variable is set, every path but /health needs it
     poll_seconds: float = Field(1.0, gt=0)
     index: IndexConfig = IndexConfig()
 
@@ -236,14 +259,6 @@ class MonitoringConfig(_Strict):
     max_bit_imbalance: float = Field(0.5, ge=0, le=1)  # warn when a bit's |mean| (±1 codes) exceeds it
     # warn when more items share a code; null: report only (class-code methods collide by design)
     max_collision_share: float | None = Field(None, ge=0, le=1)
-
-
-class ScheduleConfig(_Strict):
-    """When the served deployment scans the incoming folder: every ``interval_seconds``, or on
-    a ``cron`` expression when one is set."""
-
-    interval_seconds: int = Field(300, gt=0)
-    cron: str | None = None
 
 
 class DiscoveryConfig(_Strict):
@@ -293,7 +308,6 @@ class PipelineConfig(_Strict):
     max_attempts: int = Field(3, gt=0)  # runs a batch may fail for reasons not its own before it is poison
     step_timeout_seconds: float = Field(3600.0, gt=0)  # validate, train, export, monitor: past it, a failed attempt
     dask: DaskConfig = DaskConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
 
 

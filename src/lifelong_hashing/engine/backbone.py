@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import io
-import os
 import pickle
 from dataclasses import dataclass
 from importlib import resources
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lifelong_hashing.config import Environment
 from lifelong_hashing.files import sha256_of, write_npz
 
 
@@ -72,7 +72,7 @@ def install_hint(spec: BackboneSpec) -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LHASH_CACHE") or Path.home() / ".cache" / "lifelong-hashing")
+    return Environment.read().cache or Path.home() / ".cache" / "lifelong-hashing"
 
 
 class _ArraysOnly(pickle.Unpickler):

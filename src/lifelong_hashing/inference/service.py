@@ -9,9 +9,9 @@ What one client can take is bounded (``serving`` in params.yaml): body bytes, co
 arrive; hits per request (queries × k × targets); encode/search batches at once (requests that
 wait meanwhile join one batch: ``batching.QueryBatcher``; small ones run on the event loop, a few
 rows per turn, larger ones in worker threads, so ``/health`` keeps answering); open connections and
-the time a connection may take to send its headers. An API key (environment variable named by
-``serving.api_key_env``) guards every path but ``/health`` when set; the Host header must be one
-of ``serving.allowed_hosts``.
+the time a connection may take to send its headers. An API key (``LHASH_API_KEY``, or the secret
+file ``/run/secrets/lhash_api_key``: ``config.Environment``) guards every path but ``/health`` when
+set; the Host header must be one of ``serving.allowed_hosts``.
 """
 
 
@@ -21,7 +21,6 @@ import functools
 import hmac
 import json
 import logging
-import os
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -37,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from lifelong_hashing import __version__
-from lifelong_hashing.config import PhotoLimitsConfig, ServingConfig
+from lifelong_hashing.config import Environment, PhotoLimitsConfig, ServingConfig
 from lifelong_hashing.engine.batch import BatchError, shown
 from lifelong_hashing.engine.codestore import ItemFilter
 from lifelong_hashing.engine.requests import deleted_id_hash, pending_deletion_ids, write_deletion_request
@@ -246,14 +245,14 @@ class VersionResponse(_Strict):
 
 # The key ``ApiKey`` checks, declared so that the spec (and a client generated from it) can send it.
 API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="ApiKey",
-                       description="the service's key (serving.api_key_env), when one is set")
+                       description="the service's key (LHASH_API_KEY), when one is set")
 PROBLEMS = {code: {"model": Problem} for code in (400, 401, 413, 415, 422, 503)}
 
 
 def query_models(cfg: ServingConfig) -> tuple[type[BaseModel], type[BaseModel]]:
     """The /encode and /search bodies, bounded by ``cfg``'s limits."""
 
-    class Query(_Strict):
+    class EncodeRequest(_Strict):
         modality: Literal["image", "text"]
         # Strict: an int is a number, "1.5" and true are not.
         features: Annotated[list[list[StrictFloat]], Field(min_length=1, max_length=cfg.max_queries)] | None = Field(
@@ -266,22 +265,43 @@ def query_models(cfg: ServingConfig) -> tuple[type[BaseModel], type[BaseModel]]:
             None, description="image queries as base64 JPEG or PNG files (a data: URL prefix is allowed), for "
                               "versions whose image encoder takes photos; or send multipart/form-data")
 
-    class SearchRequest(Query):
+    class SearchRequest(EncodeRequest):
         k: StrictInt = Field(10, ge=1, le=cfg.max_k)
         radius: StrictInt | None = Field(None, ge=0, description="only hits within this Hamming distance")
         target: Literal["other", "image", "text", "both"] = "other"
         filter: SearchFilter | None = Field(None, description="search only the items it lets through "
                                                               "(multipart: the same object as a JSON string)")
 
-    return Query, SearchRequest
+    return EncodeRequest, SearchRequest
 
 
-def request_schema(model: type[BaseModel]) -> dict:
+COMPONENT = "#/components/schemas/{model}"
+
+
+def request_schema(model: type[BaseModel], components: dict) -> dict:
     """The body as documented: parsed by ``QueryReader``, not by FastAPI (which would decode the
-    JSON into Python objects first, then validate them: four times slower for a 1,000-float row)."""
-    schema = model.model_json_schema()
+    JSON into Python objects first, then validate them: four times slower for a 1,000-float row).
+    The JSON body, its multipart form and the schemas they use are added to ``components`` and
+    referenced, as a client generator expects (``add_components`` puts them in the spec)."""
+    schema = model.model_json_schema(ref_template=COMPONENT)
+    components.update(schema.pop("$defs", {}))
+    name = model.__name__
+    components[name], components[f"{name}Form"] = schema, multipart_schema(schema)
     return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": schema}, "multipart/form-data": {"schema": multipart_schema(schema)}}}}
+        "application/json": {"schema": {"$ref": COMPONENT.format(model=name)}},
+        "multipart/form-data": {"schema": {"$ref": COMPONENT.format(model=f"{name}Form")}}}}}
+
+
+def add_components(app: FastAPI, components: dict) -> None:
+    """The spec FastAPI generates, with the request schemas ``request_schema`` collected."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        spec = generate()
+        spec.setdefault("components", {}).setdefault("schemas", {}).update(components)
+        return spec
+
+    app.openapi = openapi
 
 
 class QueryReader:
@@ -375,7 +395,7 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
     cfg = cfg or ServingConfig()
     deletions = Path(deletions) if deletions is not None else None
     holder = ModelHolder(models_dir, cfg.encoder_threads, photos)
-    Query, SearchRequest = query_models(cfg)
+    EncodeRequest, SearchRequest = query_models(cfg)
     reader = QueryReader(cfg, holder)
     batcher: QueryBatcher | None = None
 
@@ -397,10 +417,13 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
     app.state.holder = holder
     # Outermost first: a wrong host, then a missing key, is refused before any body is read.
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, timeout=cfg.request_timeout_seconds)
-    app.add_middleware(ApiKey, key=os.environ.get(cfg.api_key_env) or None, open_paths=("/health",))
+    key = Environment.read().api_key
+    app.add_middleware(ApiKey, key=key.get_secret_value() if key else None, open_paths=("/health",))
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(cfg.allowed_hosts))
     add_error_handlers(app)
     keyed = {"dependencies": [Security(API_KEY)], "responses": PROBLEMS}
+    components: dict = {}
+    add_components(app, components)
 
     @app.get("/health", responses=PROBLEMS)
     async def health() -> HealthResponse:
@@ -413,9 +436,9 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
                                fallback=holder.fallback, hidden=len(holder.hidden))
 
     @app.post("/encode", **{**keyed, "responses": {**PROBLEMS, 200: {"model": EncodeResponse}}},
-              response_class=Response, openapi_extra=request_schema(Query))
+              response_class=Response, openapi_extra=request_schema(EncodeRequest, components))
     async def encode(request: Request) -> Response:
-        query, model, x = await reader.parse(request, Query)
+        query, model, x = await reader.parse(request, EncodeRequest)
         width = model.bits // 8
 
         def render(codes) -> Response:
@@ -427,7 +450,7 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
                                     inline=x.dtype != np.uint8)  # a photo's backbone is too slow for the loop
 
     @app.post("/search", **{**keyed, "responses": {**PROBLEMS, 200: {"model": SearchResponse}}},
-              response_class=Response, openapi_extra=request_schema(SearchRequest))
+              response_class=Response, openapi_extra=request_schema(SearchRequest, components))
     async def search(request: Request) -> Response:
         query, model, x = await reader.parse(request, SearchRequest)
         targets = search_targets(query, cfg, len(x))

@@ -106,5 +106,4 @@ def multipart_schema(json_schema: dict) -> dict:
                   for name in JSON_FIELDS if name in props})
     props[FILE_FIELD] = {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
                          "description": "JPEG or PNG photos (image/jpeg, image/png), one query each"}
-    return {"type": "object", "properties": props, "required": [FILE_FIELD],
-            "$defs": json_schema.get("$defs", {})}
+    return {"type": "object", "properties": props, "required": [FILE_FIELD]}

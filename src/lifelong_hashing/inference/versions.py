@@ -50,6 +50,12 @@ def promote(models_dir: str | Path, version: str) -> None:
     """Point serving at ``version`` (atomic replace of the pointer file), only once the version
     has loaded and encoded a test input as the service will load it: a version that cannot
     serve is refused here, and serving keeps the one it has."""
+    check_servable(models_dir, version)
+    point_serving_at(models_dir, version)
+
+
+def check_servable(models_dir: str | Path, version: str) -> None:
+    """Raise ``VersionError`` unless ``version`` is published and loads as the service loads it."""
     from lifelong_hashing.inference.retrieval import ModelLoadError, RetrievalModel
 
     target = versions_dir(models_dir) / version
@@ -59,6 +65,10 @@ def promote(models_dir: str | Path, version: str) -> None:
         RetrievalModel(target)
     except ModelLoadError as err:
         raise VersionError(f"refusing to promote {version}: {err}") from err
+
+
+def point_serving_at(models_dir: str | Path, version: str) -> None:
+    """The pointer write alone, for a version ``check_servable`` passed."""
     write_text(Path(models_dir) / POINTER, version + "\n")
 
 

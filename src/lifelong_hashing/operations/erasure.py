@@ -33,7 +33,7 @@ from lifelong_hashing.engine.requests import REQUEST_SUFFIX, read_deletion_ids
 from lifelong_hashing.engine.runner import delete_items
 from lifelong_hashing.engine.state import save_state
 from lifelong_hashing.files import write_text
-from lifelong_hashing.inference.versions import list_versions, version_number
+from lifelong_hashing.inference.versions import list_versions, version_name, version_number
 from lifelong_hashing.operations.discovery import erase_from_reports
 from lifelong_hashing.operations.pipeline import (
     DELETIONS_KEY,
@@ -44,7 +44,7 @@ from lifelong_hashing.operations.pipeline import (
     map_by_direction,
     read_manifest,
 )
-from lifelong_hashing.operations.registry import TAG, Registry, RegistryError, version_tag
+from lifelong_hashing.operations.registry import Registry, RegistryError, parse_version, semver, version_tag
 
 
 def delete(registry: Registry, arrival: Arrival, params: Params) -> Candidate | None:
@@ -97,14 +97,32 @@ def erasure_floor(registry: Registry) -> int | None:
     return max((version_number(e["version"]) for e in entries), default=None)
 
 
-def rollback(registry: Registry, tag: str) -> str:
+def rollback(registry: Registry, version: str) -> str:
     """``Registry.rollback``, refused for a version recorded before the latest erasure."""
+    refuse_before_erasure(registry, version)
+    return registry.rollback(version)
+
+
+def assign_stage(registry: Registry, version: str, stage: str) -> str:
+    """Put ``version`` in ``stage`` (``prod`` also serves it, without restoring its training
+    state: that is ``rollback``); refused for a version recorded before the latest erasure.
+    Returns the version's name."""
+    refuse_before_erasure(registry, version)
+    number = parse_version(version)
+    if version_tag(number) not in registry.tags():
+        raise RegistryError(f"{registry.root}: no version {version!r} in the registry")
+    if stage == "prod":
+        return registry.serve(number)
+    registry.assign(number, stage)
+    return version_name(number)
+
+
+def refuse_before_erasure(registry: Registry, version: str) -> None:
     floor = erasure_floor(registry)
-    match = TAG.match(tag)
-    if floor is not None and match and int(match.group(1)) < floor:
-        raise RegistryError(f"{tag} was recorded before the erasure recorded as {version_tag(floor)}; serving it "
-                            f"would bring erased items back: roll back to {version_tag(floor)} or later")
-    return registry.rollback(tag)
+    if floor is not None and parse_version(version) < floor:
+        raise RegistryError(f"{version} was recorded before the erasure recorded as {version_name(floor)} "
+                            f"({semver(floor)}); serving it would bring erased items back: use "
+                            f"{version_name(floor)} or later")
 
 
 def purge_history(registry: Registry) -> str:
@@ -116,5 +134,5 @@ def purge_history(registry: Registry) -> str:
         raise RegistryError(f"{registry.root}: no erasure recorded; nothing to purge")
     since = int(registry.git("rev-list", "--count", f"{version_tag(floor)}..HEAD").strip()) + 1
     registry.dvc("gc", "--workspace", "--rev", "HEAD", "--num", str(since), "--cloud", "--force")
-    return (f"kept the DVC objects of the last {since} commits (from {version_tag(floor)}, the latest erasure, "
+    return (f"kept the DVC objects of the last {since} commits (from {version_name(floor)}, the latest erasure, "
             "on); removed every other from the cache and the remote")

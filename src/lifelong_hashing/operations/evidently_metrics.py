@@ -3,7 +3,8 @@ lifelong retrieval quality. Each ``Metric`` holds its parameters (what the snaps
 its ``Calculation`` computes from the report's datasets with the numpy helpers of
 ``monitoring`` and draws a plotly figure. Imported only when a report is built (Evidently is
 slow to import). No ``from __future__ import annotations`` here: Evidently's pydantic models
-need real types.
+need real types. Everything comes from Evidently's public API (``evidently.core.metric_types``
+for metrics, ``evidently.widgets`` for what they draw); nothing from ``evidently.legacy``.
 """
 
 import os
@@ -13,9 +14,9 @@ os.environ.setdefault("DO_NOT_TRACK", "1")  # Evidently's telemetry: no network 
 
 import numpy as np  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
-from evidently._pydantic_compat import PrivateAttr  # noqa: E402
 from evidently.core.metric_types import SingleValueCalculation, SingleValueMetric  # noqa: E402
-from evidently.legacy.renderers.html_widgets import CounterData, WidgetSize, counter, plotly_figure  # noqa: E402
+from evidently.widgets import CounterData, GraphData, counter, plotly_graph  # noqa: E402
+from pydantic.v1 import PrivateAttr  # noqa: E402  (Evidently's models are pydantic v1 models)
 
 from lifelong_hashing.engine.metrics import DIRECTIONS, average_map, forgetting  # noqa: E402
 from lifelong_hashing.operations.code_health import (  # noqa: E402
@@ -45,8 +46,8 @@ def old_and_new_codes(current_data, reference_data, modality: str) -> np.ndarray
 
 
 def widgets(title: str, figure, text: str):
-    return [counter(counters=[CounterData(text, title)], size=WidgetSize.FULL),
-            plotly_figure(title="", figure=figure)]
+    """A counter and a figure, from ``evidently.widgets`` (the public home of these widgets)."""
+    return [counter(counters=[CounterData(text, title)]), plotly_graph(graph_data=GraphData.figure("", figure))]
 
 
 class FeatureDriftShare(SingleValueMetric):

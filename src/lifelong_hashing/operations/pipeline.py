@@ -44,6 +44,7 @@ from lifelong_hashing.engine.datasets import load_dataset
 from lifelong_hashing.engine.images import PhotoReader
 from lifelong_hashing.engine.methods.base import DatabaseEncoder, encode_here
 from lifelong_hashing.engine.metrics import DIRECTIONS, query_scores
+from lifelong_hashing.engine.requests import REQUEST_SUFFIX
 from lifelong_hashing.engine.runner import (
     Scorer,
     append_known,
@@ -55,7 +56,8 @@ from lifelong_hashing.engine.runner import (
 from lifelong_hashing.engine.stages import Stage
 from lifelong_hashing.engine.state import RunState, load_state, new_state, save_state, timings_path
 from lifelong_hashing.files import atomic_write, sha256_of, write_json, write_text
-from lifelong_hashing.inference.versions import version_number
+from lifelong_hashing.inference.versions import version_name, version_number
+from lifelong_hashing.operations.data_contract import CONTEXT_DIR
 from lifelong_hashing.operations.registry import Registry, version_tag
 from lifelong_hashing.operations.validation import BatchExpectations, ValidationResult, validate_batch
 
@@ -156,20 +158,34 @@ def read_metrics(registry: Registry) -> dict:
 
 
 def reconcile_serving(registry: Registry) -> str | None:
-    """Serve the version the workspace's last commit records, if serving points elsewhere (a run
-    that stopped between recording and promoting). Returns the version promoted, if any."""
-    from lifelong_hashing.inference.versions import VersionError, current_version, promote
+    """Finish what a run that stopped between recording and serving left: a version recorded at
+    HEAD that was never in ``prod`` is promoted (the run that recorded it would have), and the
+    service's pointer is made to name the ``prod`` version. Returns the version now served, if
+    anything changed."""
+    from lifelong_hashing.inference.versions import VersionError, current_version, point_serving_at
 
-    if not registry.metrics_path.exists():
+    if not registry.tags():
         return None
-    recorded = read_metrics(registry)["version"]
+    recorded = registry.version_at("HEAD")
+    if recorded is not None and not registry.was_in_stage(recorded, "prod"):
+        return registry.serve(recorded)
+    prod = registry.in_stage("prod")
+    if prod is None:
+        return None
     try:
-        if current_version(registry.models_dir) == recorded:
+        if current_version(registry.models_dir) == version_name(prod):
             return None
     except VersionError:
         pass  # a pointer that names no version: repaired below
-    promote(registry.models_dir, recorded)
-    return recorded
+    point_serving_at(registry.models_dir, version_name(prod))
+    return version_name(prod)
+
+
+def arrival_folders(params: Params) -> dict[Path, tuple[str, str]]:
+    """Where arrivals land, each folder with its file suffix and kind: deletion requests, then
+    batches (the order a run takes them in)."""
+    return {Path(params.pipeline.deletions): (REQUEST_SUFFIX, "deletion request"),
+            Path(params.pipeline.incoming): (".npz", "batch file")}
 
 
 def scan_incoming(incoming: str | Path, manifest: dict, suffix: str = ".npz", key: str = MANIFEST_KEY,
@@ -182,7 +198,7 @@ def scan_incoming(incoming: str | Path, manifest: dict, suffix: str = ".npz", ke
     done = manifest.get(key, {})
     found, skipped = [], []
     for entry in incoming.iterdir():
-        why = _not_an_arrival(entry, suffix, kind)
+        why = not_an_arrival(entry, suffix, kind)
         if why:
             skipped.append((entry.name, why))
             continue
@@ -201,7 +217,7 @@ def scan_incoming(incoming: str | Path, manifest: dict, suffix: str = ".npz", ke
     return Scan(pending, duplicates, sorted(skipped))
 
 
-def _not_an_arrival(entry: Path, suffix: str, kind: str) -> str | None:
+def not_an_arrival(entry: Path, suffix: str, kind: str) -> str | None:
     """Why an entry of a watched folder is not read, or None if it is to be."""
     if entry.name.startswith("."):
         return "hidden (partial uploads and editor files are left alone)"
@@ -253,13 +269,20 @@ def evaluation_queries(params: Params) -> Batch:
 
 def validate(registry: Registry, arrival: Arrival, params: Params) -> ValidationResult:
     """The batch against the current model, or before the first one against what params ask for
-    (a photo model reads photos from the first batch on)."""
+    (a photo model reads photos from the first batch on), through a copy of the workspace's data
+    contract (``gx/``): the batch's recording keeps the copy, a rejection leaves the workspace
+    as it was."""
     state = current_state(registry)
     expected = (BatchExpectations.from_state(state, params.pipeline.repeated_ids) if state
                 else BatchExpectations.none(PhotoReader.from_params(params)))
     config = params.validation
-    out = registry.batch_work_dir(arrival.key) / "validation"
-    return validate_batch(arrival.pinned, expected, config, out, sha256=arrival.sha256, source=arrival.name)
+    work = registry.batch_work_dir(arrival.key)
+    contract = work / "contract"  # the workspace's data contract, changed only if this batch is recorded
+    if registry.contract_dir.is_dir():
+        shutil.copytree(registry.contract_dir, contract / CONTEXT_DIR, ignore=shutil.ignore_patterns("uncommitted"),
+                        dirs_exist_ok=True)
+    return validate_batch(arrival.pinned, expected, config, work / "validation", sha256=arrival.sha256,
+                          source=arrival.name, context_root=contract)
 
 
 def quarantine(arrival: Arrival, quarantine_dir: str | Path, reason: str, reports: list[Path],
@@ -437,7 +460,12 @@ def record(candidate: Candidate, registry: Registry, params: Params) -> str:
 
 
 def _keep_batch_and_reports(candidate: Candidate, registry: Registry, params: Params) -> None:
-    """A batch's validation and monitoring reports, and its bytes, into the workspace."""
+    """A batch's data contract (the suite it met), its validation and monitoring reports, and its
+    bytes, into the workspace."""
+    contract = candidate.work / "contract" / CONTEXT_DIR
+    if contract.is_dir():
+        shutil.rmtree(registry.contract_dir, ignore_errors=True)
+        shutil.move(contract, registry.contract_dir)
     _move_tree(Path(candidate.validation_dir), registry.validation_reports_dir(candidate.arrival.key))
     if candidate.monitor_dir:
         target = registry.monitoring_report_dir(candidate.stage)
@@ -478,10 +506,8 @@ def _tree_bytes(folder: Path) -> int:
 
 
 def promote(registry: Registry, version: str) -> None:
-    """Serve ``version`` (it loads and encodes a test input first: ``versions.promote``)."""
-    from lifelong_hashing.inference.versions import promote as point_serving_at
-
-    point_serving_at(registry.models_dir, version)
+    """Assign ``prod`` to ``version`` and serve it (it loads and encodes a test input first)."""
+    registry.serve(version_number(version))
 
 
 def retire(arrival: Arrival) -> bool:

@@ -1,5 +1,11 @@
-"""The pipeline's workspace: a git + DVC repository in which every promoted model is one commit
-tagged ``model-vN``.
+"""The pipeline's workspace: a git + DVC repository and its GTO model registry. Every version is
+one commit, registered as the DVC artifact ``hashing-model`` (``artifacts:`` in ``dvc.yaml``)
+with a SemVer tag, ``hashing-model@v1.N.0`` for version folder ``vN``: the minor is the version
+number; the major names the code space every version shares (stored codes are never rewritten,
+so each version is compatible with the codes before it). A recorded version is assigned the
+stage ``staging`` (exported, parity and monitoring checks passed); promotion assigns ``prod``;
+rollback assigns ``prod`` to an earlier version. ``gto show`` and ``gto history`` in the
+workspace say what is where.
 
     <workspace>/
       dvc.yaml        a frozen ``increment`` stage whose outputs the flow records with ``dvc commit``
@@ -9,7 +15,10 @@ tagged ``model-vN``.
       metrics.json    stage×task matrices, average mAP, forgetting (git; ``dvc metrics``)
       plots/          mAP per task across stages (git; ``dvc plots show``)
       state/ models/versions/ batches/ reports/    DVC outputs, pushed to the remote
-      models/CURRENT  the served version (not versioned: promotion and rollback move it)
+      .gto            the registry's stages (staging, prod)
+      gx/             the data contract: GX's File Data Context, the suite batches meet (git)
+      models/CURRENT  the served version: the service's fast local copy of the ``prod`` stage
+                      (not versioned; promotion and rollback write it after assigning ``prod``)
       .work/ .lock    candidates being built, the ledger of attempts per batch
                       (``.work/attempts.json``), the journal of a recording in progress, the
                       space kept for a restore (``.work/reserve``) and the lock one run holds
@@ -17,10 +26,10 @@ tagged ``model-vN``.
 
 A version is recorded only after every step succeeded; until then the candidate lives in
 ``.work/``. Recording is a transaction: ``begin`` checks the disk has room for it and writes a
-journal, ``record`` makes the DVC commit, push, git commit and tag, ``finish`` removes the
-journal. A failure in between calls ``restore``; a run killed in between leaves the journal (or
+journal, ``record`` makes the DVC commit, push, git commit, registration and ``staging``, ``finish``
+removes the journal. A failure in between calls ``restore``; a run killed in between leaves the journal (or
 uncommitted changes), and the next run's ``recover`` finishes the version (its commit was made,
-only the tag is missing) or undoes it, before anything reads the workspace. Nothing trusts an
+only its registration is missing) or undoes it, before anything reads the workspace. Nothing trusts an
 uncommitted file.
 """
 
@@ -43,22 +52,52 @@ from filelock import FileLock, Timeout
 from lifelong_hashing.config import Params
 from lifelong_hashing.engine.metrics import DIRECTIONS
 from lifelong_hashing.files import write_json, write_text
-from lifelong_hashing.inference.versions import list_versions, promote, version_name, version_number, versions_dir
+from lifelong_hashing.inference.versions import (
+    VersionError,
+    check_servable,
+    list_versions,
+    point_serving_at,
+    version_name,
+    version_number,
+    versions_dir,
+)
+from lifelong_hashing.operations.data_contract import CONTEXT_DIR
 from lifelong_hashing.operations.monitoring import stage_report_name
 
 OUTPUTS = ("state", "models/versions", "batches", "reports")
-TAG = re.compile(r"^model-v(\d+)$")
+ARTIFACT = "hashing-model"
+STAGES = ("staging", "prod")
+TAG = re.compile(rf"^{ARTIFACT}@v1\.(\d+)\.0$")
+_VERSION_TEXT = re.compile(r"^(?:hashing-model@)?v1\.(\d+)\.0$")
 STAGE = "increment"
 # Kept free for ``restore`` (removed first, so git and DVC can write on a full disk)
 RESERVE_BYTES = 64 << 20
 
 
+def semver(number: int) -> str:
+    """The registry's version of version folder ``v{number:04d}``."""
+    return f"v1.{number}.0"
+
+
 def version_tag(number: int) -> str:
-    """The git tag of version ``number`` in the workspace."""
-    return f"model-v{number}"
+    """The GTO tag that registers version ``number`` in the workspace."""
+    return f"{ARTIFACT}@{semver(number)}"
+
+
+def parse_version(text: str) -> int:
+    """A version as people write it (``v0003``, ``v1.3.0`` or ``hashing-model@v1.3.0``): its number."""
+    match = _VERSION_TEXT.match(text)
+    if match:
+        return int(match.group(1))
+    try:
+        return version_number(text)
+    except VersionError:
+        raise RegistryError(f"{text!r} is not a version: v0003, v1.3.0 or {ARTIFACT}@v1.3.0") from None
 
 
 _DVC_YAML = {
+    "artifacts": {ARTIFACT: {"path": "models/versions", "type": "model", "labels": ["cross-modal-hashing"],
+                             "desc": "ONNX encoders and codes; registry version v1.N.0 is the folder vN there"}},
     "stages": {STAGE: {
         "cmd": "python -m flows.pipeline",
         "frozen": True,  # the Prefect flow runs the increment; `dvc commit` records it
@@ -133,6 +172,11 @@ class Registry:
         return Registry(Path(params.pipeline.workspace).resolve(), remote)
 
     # ---- layout -----------------------------------------------------------------------------
+    @property
+    def contract_dir(self) -> Path:
+        """The data contract: Great Expectations' File Data Context (``operations.data_contract``)."""
+        return self.root / CONTEXT_DIR
+
     @property
     def state_dir(self) -> Path:
         return self.root / "state"
@@ -256,12 +300,14 @@ class Registry:
         write_task_lines_template(self.root)
         write_text(self.root / "dvc.yaml", yaml.safe_dump(_DVC_YAML, sort_keys=False, allow_unicode=True))
         write_text(self.root / ".gitignore", "\n".join(_IGNORED) + "\n")
+        write_text(self.root / ".gto", yaml.safe_dump({"stages": list(STAGES), "types": ["model"]}))
         write_json(self.manifest_path, {"batches": {}})
         self.git("add", "-A")
         self.git("commit", "-q", "-m", "Pipeline workspace")
 
     def tags(self) -> list[str]:
-        names = [t for t in self.git("tag", "--list", "model-v*").split() if TAG.match(t)]
+        """The registration tags of every recorded version, oldest first."""
+        names = [t for t in self.git("tag", "--list", f"{ARTIFACT}@*").split() if TAG.match(t)]
         return sorted(names, key=lambda t: int(TAG.match(t).group(1)))
 
     def next_number(self) -> int:
@@ -284,14 +330,12 @@ class Registry:
 
     def record(self, number: int, message: str, push_retries: int) -> str:
         """Record the outputs now in place as version ``number``: ``dvc commit``, push the data,
-        then commit and tag in git. Returns the tag."""
-        tag = version_tag(number)
+        then commit in git, register the commit and assign it ``staging``. Returns the registration tag."""
         self.dvc("commit", "-f", STAGE)
         self.push(push_retries)
         self.git("add", "-A")
         self.git("commit", "-q", "-m", message)
-        self.git("tag", tag)
-        return tag
+        return self.register(number)
 
     def finish(self) -> None:
         """Close the recording: the version is complete."""
@@ -350,7 +394,7 @@ class Registry:
     def recover(self) -> str | None:
         """Finish or undo what a run that was killed left behind; called with the lock held,
         before anything reads the workspace. A version whose git commit was made is finished
-        (tagged); anything less (a journal without that commit, or uncommitted changes to
+        (registered and in ``staging``); anything less (a journal without that commit, or uncommitted changes to
         tracked files or DVC outputs) is undone. Returns what was done, or None."""
         if not (self.root / ".git").exists():
             return None
@@ -364,11 +408,14 @@ class Registry:
             if parent == journal["head"]:  # the commit holds the whole version (pushed before it)
                 if self.uncommitted():
                     self.restore()
-                self.git("tag", journal["tag"])
-                done = f"finished recording {journal['tag']} (committed; the tag was missing)"
+                self.register(journal["number"])
+                done = f"finished recording {journal['tag']} (committed; the registration was missing)"
             else:
                 self.restore()
                 done = f"undid the unfinished recording of {journal['tag']}"
+        elif journal and not self.was_in_stage(journal["number"], "staging"):
+            self.assign(journal["number"], "staging")
+            done = f"finished recording {journal['tag']} (registered; staging was missing)"
         elif self.uncommitted():
             self.restore()
             done = "undid uncommitted changes (a run stopped before recording)"
@@ -398,14 +445,72 @@ class Registry:
             folder = folder.parent
         return folder.stat().st_dev == self.root.stat().st_dev
 
-    def rollback(self, tag: str) -> str:
-        """Make ``tag``'s version the current one, as a new commit (history is kept), and serve it.
-        Returns the version name now served."""
+    # ---- the model registry (GTO) -------------------------------------------------------------
+    def register(self, number: int) -> str:
+        """Register HEAD as version ``number`` and assign it ``staging`` (it was exported and
+        passed its checks before it was committed). Returns the registration tag."""
+        from gto.api import register
+
+        register(self.root, ARTIFACT, "HEAD", version=semver(number), message=f"Version {version_name(number)}")
+        self.assign(number, "staging")
+        return version_tag(number)
+
+    def assign(self, number: int, stage: str) -> None:
+        """Put version ``number`` in ``stage`` (a no-op when it is there already). GTO orders a
+        stage's assignments by their tags' time, in whole seconds: a new one waits for the next
+        second, so the latest assignment is never ambiguous."""
+        from gto.api import assign
+
+        if self.in_stage(stage) == number:
+            return
+        times = self.git("for-each-ref", "--format=%(creatordate:unix)", f"refs/tags/{ARTIFACT}#{stage}#*").split()
+        wait = max(map(int, times), default=0) + 1 - time.time()
+        if wait > 0:
+            time.sleep(wait)
+        assign(self.root, ARTIFACT, stage, version=semver(number), force=True,
+               message=f"{version_name(number)} to {stage}")
+
+    def in_stage(self, stage: str) -> int | None:
+        """The version the registry has in ``stage`` (``dvc.api.artifacts_show``), or None."""
+        from dvc.api import artifacts_show
+        from dvc.exceptions import ArtifactNotFoundError
+
+        try:
+            rev = artifacts_show(ARTIFACT, stage=stage, repo=str(self.root))["rev"]
+        except ArtifactNotFoundError:
+            return None
+        return self.version_at(rev)
+
+    def version_at(self, rev: str) -> int | None:
+        """The version registered at commit ``rev``, or None (a rollback commit registers none)."""
+        names = [t for t in self.git("tag", "--points-at", rev, "--list", f"{ARTIFACT}@*").split() if TAG.match(t)]
+        return int(TAG.match(names[0]).group(1)) if names else None
+
+    def was_in_stage(self, number: int, stage: str) -> bool:
+        """Whether version ``number`` was ever assigned ``stage``."""
+        return bool(self.git("tag", "--points-at", version_tag(number), "--list", f"{ARTIFACT}#{stage}#*").split())
+
+    def serve(self, number: int) -> str:
+        """Assign ``prod`` to version ``number`` and point serving at it, once it loads as the
+        service loads it (a version that cannot serve is refused, and nothing moves). Returns
+        the version folder's name."""
+        name = version_name(number)
+        check_servable(self.models_dir, name)
+        self.assign(number, "prod")
+        point_serving_at(self.models_dir, name)
+        return name
+
+    def rollback(self, version: str) -> str:
+        """Make ``version``'s model, code store and history the current ones again, as a new
+        commit (history is kept, and the next increment builds on it), and put it back in
+        ``prod``. Returns the version name now served."""
         if not (self.root / ".git").exists():
             raise RegistryError(f"{self.root}: no pipeline workspace yet (the first pipeline run creates it)")
-        match = TAG.match(tag)
-        if not match or tag not in self.tags():
-            raise RegistryError(f"{self.root}: no version tag {tag!r} (have {self.tags()})")
+        number = parse_version(version)
+        tag = version_tag(number)
+        if tag not in self.tags():
+            raise RegistryError(f"{self.root}: no version {version!r} in the registry (have "
+                                f"{[version_name(int(TAG.match(t).group(1))) for t in self.tags()]})")
         if self.git("status", "--porcelain", "--untracked-files=no").strip():
             raise RegistryError(f"{self.root}: uncommitted changes; refusing to roll back over them")
         self.git("checkout", tag, "--", ".")
@@ -414,7 +519,5 @@ class Registry:
         except RegistryError:
             self.dvc("pull", "--force")  # cache cleared: fetch from the remote
         self.git("add", "-A")
-        self.git("commit", "-q", "--allow-empty", "-m", f"Roll back to {tag}")
-        name = version_name(int(match.group(1)))
-        promote(self.models_dir, name)
-        return name
+        self.git("commit", "-q", "--allow-empty", "-m", f"Roll back to {version_name(number)} ({semver(number)})")
+        return self.serve(number)

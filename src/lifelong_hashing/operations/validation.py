@@ -1,5 +1,6 @@
-"""Is an incoming batch fit to train on? A Great Expectations suite over one summary row per
-item, built from the current model and its reference data.
+"""Is an incoming batch fit to train on? The data contract's Great Expectations suite
+(``data_contract``) over one summary row per item, with the current model's values as its
+parameters.
 
 The batch file is read raw, so that every defect (NaN, a wrong dimension, non-binary labels, ...)
 is counted per item and reported together instead of stopping at the first; features are cast to
@@ -15,7 +16,6 @@ and example ids. Nothing is used from a batch that fails.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -35,8 +35,8 @@ from lifelong_hashing.engine.batch import (
 from lifelong_hashing.engine.images import PhotoReader, read_batch_photos
 from lifelong_hashing.engine.reference import ReferenceProfile, flat_features
 from lifelong_hashing.files import sha256_of, write_text
+from lifelong_hashing.operations.data_contract import describe, run_suite, suite_parameters
 
-SUITE = "incoming_batch"
 _EXAMPLES = 5
 
 
@@ -116,9 +116,11 @@ class BatchExpectations:
 
 def validate_batch(path: str | Path, expected: BatchExpectations, config: ValidationConfig,
                    out_dir: str | Path | None = None, sha256: str | None = None,
-                   source: str | None = None) -> ValidationResult:
-    """Run the suite on a batch file; with ``out_dir``, write ``validation.json`` and the GX data
-    docs there (a folder per batch content hash, under ``config.reports_dir`` by default).
+                   source: str | None = None, context_root: str | Path | None = None) -> ValidationResult:
+    """Run the data contract's suite on a batch file; with ``out_dir``, write ``validation.json``
+    and the GX data docs there (a folder per batch content hash, under ``config.reports_dir`` by
+    default). ``context_root``: the folder of the File Data Context (``gx/``: the pipeline's
+    workspace); without one the suite runs in an ephemeral context.
     ``sha256``: the file's content hash when the caller has it already; ``source``: the name to
     report it by (default: the path). An accepted result carries the batch it loaded, so that
     the bytes validated are the bytes trained on, read once."""
@@ -142,7 +144,8 @@ def validate_batch(path: str | Path, expected: BatchExpectations, config: Valida
         return _write(ValidationResult(source, sha, False, n, [], [], structural, len(structural)), out, None)
     frame, categories = _item_frame(arrays, expected, config.range_tolerance)
     frame["image_problem"] = photo_problems
-    failures, evaluated, html = _run_suite(frame, len(categories), expected, config, out)
+    failures, evaluated, html = _run_suite(frame, len(categories), expected, config, out,
+                                           Path(context_root) if context_root else None)
     declared = [str(c) for c in arrays.get("new_categories", np.empty(0, str)).tolist()]
     failures += _batch_failures(arrays, categories, declared, expected, config.max_categories)
     evaluated += BATCH_CHECKS
@@ -299,94 +302,19 @@ def _out_of_range_share(flat, finite, modality: str, expected: BatchExpectations
     return outside.mean(axis=1)
 
 
-def _suite(gx, expected: BatchExpectations, config: ValidationConfig, n_categories: int):
-    import great_expectations.expectations as gxe
-
-    suite = gx.ExpectationSuite(name=SUITE)
-    max_labels = config.max_labels_per_item or expected.reference.max_labels or n_categories
-    checks = [
-        gxe.ExpectTableRowCountToBeBetween(min_value=config.min_rows, max_value=config.max_rows,
-                                           description=f"row count within {config.min_rows}..{config.max_rows}"),
-        gxe.ExpectColumnValuesToNotBeNull(column="id", description="every item has an id"),
-        gxe.ExpectColumnValuesToBeNull(column="id_problem", description="ids are canonical (NFC, no leading or "
-                                                                        "trailing whitespace, no control or "
-                                                                        "zero-width characters)"),
-        gxe.ExpectColumnValuesToBeUnique(column="id_key",
-                                         description="ids are unique within the batch, also after case-folding"),
-        gxe.ExpectColumnValuesToBeNull(column="id_in_database",
-                                       description="ids are new to the database, also after case-folding "
-                                                   "(the value: the stored id it collides with)" +
-                                                   ("; an id stored exactly as sent is an update"
-                                                    if expected.updates else "")),
-        gxe.ExpectColumnValuesToBeBetween(
-            column="image_nonfinite", min_value=0, max_value=0,
-            description="image features are finite as float32 (no NaN, inf or |x| > 3.4e38)"),
-        gxe.ExpectColumnValuesToBeBetween(
-            column="text_nonfinite", min_value=0, max_value=0,
-            description="text features are finite as float32 (no NaN, inf or |x| > 3.4e38)"),
-        gxe.ExpectColumnValuesToBeBetween(column="label_non_binary", min_value=0, max_value=0,
-                                          description="labels are binary (0/1)"),
-        gxe.ExpectColumnValuesToBeBetween(column="label_count", min_value=1, max_value=max_labels,
-                                          description=f"every labelled item has 1..{max_labels} labels"),
-        gxe.ExpectColumnValuesToBeBetween(column="unlabelled_label_count", min_value=0, max_value=0,
-                                          description="items marked unlabelled (labelled=False) carry no labels"),
-        gxe.ExpectColumnValuesToBeNull(column="undeclared_categories",
-                                       description="label names are known or declared new in the batch"),
-    ]
-    if expected.photos is not None:
-        limits = expected.photos.limits
-        checks.append(gxe.ExpectColumnValuesToBeNull(
-            column="image_problem", description=f"photos are JPEG or PNG files of at most {limits.max_file_bytes:,} "
-                                                f"bytes and {limits.max_pixels:,} pixels that decode whole"))
-    if expected.image_shape is not None:
-        shape = "x".join(map(str, expected.image_shape))
-        checks.append(gxe.ExpectColumnValuesToBeInSet(column="image_shape", value_set=[shape],
-                                                       description=f"image features have the model's shape {shape}"))
-        checks.append(gxe.ExpectColumnValuesToBeInSet(column="text_shape", value_set=[str(expected.text_dim)],
-                                                      description=f"text features have the model's "
-                                                                  f"{expected.text_dim} dimensions"))
-    if not expected.reference.empty:
-        for m in ("image", "text"):
-            checks.append(gxe.ExpectColumnValuesToBeBetween(
-                column=f"{m}_out_of_range", min_value=0, max_value=config.max_out_of_range_share,
-                description=f"{m} features within the reference range (± {config.range_tolerance:g} × range) "
-                            f"in all but {config.max_out_of_range_share:.0%} of dimensions"))
-    for check in checks:
-        suite.add_expectation(check)
-    return suite
-
-
-def _run_suite(frame, n_categories: int, expected: BatchExpectations, config: ValidationConfig, out: Path):
-    """Validate through a GX checkpoint whose action writes the data docs under ``out/docs``."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no network at run time
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    docs = out / "docs"
-    context.add_data_docs_site(site_name="lhash", site_config={
-        "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs.resolve())}})
-    asset = context.data_sources.add_pandas("incoming").add_dataframe_asset("items")
-    batch_definition = asset.add_batch_definition_whole_dataframe("all_items")
-    suite = context.suites.add(_suite(gx, expected, config, n_categories))
-    definition = context.validation_definitions.add(gx.ValidationDefinition(name=SUITE, data=batch_definition,
-                                                                            suite=suite))
-    checkpoint = context.checkpoints.add(gx.Checkpoint(
-        name=SUITE, validation_definitions=[definition],
-        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["lhash"])],
-        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["id"]}))
-    run = checkpoint.run(batch_parameters={"dataframe": frame})
-    suite_result = next(iter(run.run_results.values()))
-    failures = [_failure(r) for r in suite_result.results if not r.success]
+def _run_suite(frame, n_categories: int, expected: BatchExpectations, config: ValidationConfig, out: Path,
+               context_root: Path | None):
+    """The data contract's suite on ``frame``: its failures, how many expectations ran, the page."""
+    parameters = suite_parameters(expected, config, n_categories)
+    suite_result = run_suite(frame, parameters, expected, config, out, context_root)
+    failures = [_failure(r, parameters) for r in suite_result.results if not r.success]
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "gx_result.json", json.dumps(suite_result.to_json_dict(), indent=2, default=str))
-    pages = sorted((docs / "validations").rglob("*.html"), key=lambda p: p.stat().st_mtime)
+    pages = sorted((out / "docs" / "validations").rglob("*.html"), key=lambda p: p.stat().st_mtime)
     return failures, len(suite_result.results), str(pages[-1]) if pages else None
 
 
-def _failure(r) -> Failure:
+def _failure(r, parameters: dict) -> Failure:
     config = r.expectation_config
     column = config.kwargs.get("column", "table")
     result = r.result or {}
@@ -398,7 +326,7 @@ def _failure(r) -> Failure:
             examples.append(f"{name}: {value}" if column not in ("id", "id_key") else name)
     if column == "table":
         examples = [f"observed {result.get('observed_value')}"]
-    description = config.description or config.type
+    description = describe(config.description, parameters) if config.description else config.type
     if r.exception_info and r.exception_info.get("raised_exception"):
         description += f" (check raised: {r.exception_info.get('exception_message')})"
     return Failure(config.type, column, description, int(result.get("unexpected_count") or 0), examples)
