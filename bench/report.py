@@ -330,8 +330,9 @@ def distributed_table(r: dict) -> str:
                    f"| {row['peak_mb']:,.0f} | {dask[1]} |")
     overhead = [row["task_overhead_ms"] for row in r["rows"] if "task_overhead_ms" in row]
     if "identical_codes" in r:
-        out += ["", f"{r['shard_rows']:,} rows per shard; Prefect + Dask cost per mapped task "
-                    f"{min(overhead):g}–{max(overhead):g} ms; identical codes in every configuration at 1 thread: "
+        cost = f"{min(overhead):g}" if min(overhead) == max(overhead) else f"{min(overhead):g}–{max(overhead):g}"
+        out += ["", f"{r['shard_rows']:,} rows per shard; Dask's cost per mapped task {cost} ms; "
+                    "identical codes in every configuration at 1 thread: "
                     f"{'yes' if r['identical_codes'] else 'NO'}; {r['cpu_count']} cores."]
     return "\n".join(out)
 
@@ -360,7 +361,7 @@ def scale_summary(search: dict, serve: dict, sharded: dict) -> str:
         f"{serve['bare']['server_cpu_us_per_request']:.0f} (encoding and searching a query).",
         f"- **Sharded work**: `pipeline.dask` encodes append batches (and the joint baseline's re-encoding) and scores "
         f"evaluation queries shard by shard "
-        f"on Dask workers through Prefect, identical to one process. Encoding {largest:,} items: "
+        f"on Dask workers (`engine.on_dask`), identical to one process. Encoding {largest:,} items: "
         f"{alone['seconds']:.0f} s in one process at one thread ({rows[(0, 2)]['seconds']:.0f} s at two), "
         f"{two['warm_seconds']:.0f} s on 2 warm one-thread workers ({two['seconds']:.0f} s cold) of this 2-core "
         "machine, "

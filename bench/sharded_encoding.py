@@ -1,9 +1,9 @@
 """Encoding an append batch in one process against shard by shard on Dask workers (the pipeline's
-``pipeline.dask`` path: prefect-dask's DaskTaskRunner, mapped Prefect tasks, shard files in and
-packed-code files out), on SYNTHETIC items with Wikipedia's shapes (128-d image, 1,000-d text)
+``pipeline.dask`` path: ``engine.on_dask``, one Dask task per shard file in and packed-code file
+out), on SYNTHETIC items with Wikipedia's shapes (128-d image, 1,000-d text)
 through the trained default model. Each configuration runs in a fresh process, so peak memory
 is its own; all must give the same codes (checked by hash). Also measured: the cost per task of
-Prefect + Dask alone (a no-op task mapped 64 times on one worker). Writes
+Dask alone (a no-op task mapped 64 times on one worker). Writes
 bench/results/sharded_encoding.json. (Not named distributed.py: on the import path of the
 benchmarks, that name would shadow Dask's ``distributed`` package.)
 
@@ -30,8 +30,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, write_result  # noqa: E402
 from report import distributed_table  # noqa: E402
-
-sys.path.insert(0, str(ROOT))  # flows/, whose tasks the workers run
 
 CONFIGS = [("in process", 0, 1), ("in process", 0, 2), ("1 worker", 1, 1), ("2 workers", 2, 1)]
 SHARD_ROWS = 65_536
@@ -74,7 +72,6 @@ def digest(codes: dict) -> str:
 
 def one(size: int, workers: int, state_dir: Path, work: Path) -> dict:
     """One configuration, in this (fresh) process."""
-    from lifelong_hashing.engine.sharding import read_shard_codes, write_shards
     from lifelong_hashing.engine.state import load_method
 
     method = load_method(state_dir)
@@ -83,50 +80,37 @@ def one(size: int, workers: int, state_dir: Path, work: Path) -> dict:
         start = time.perf_counter()
         codes = method.database_codes(batch)
         return {"seconds": time.perf_counter() - start, "peak_mb": peak_mb(), "codes": digest(codes)}
-    from distributed import Client
-    from prefect import flow
+    from lifelong_hashing.config import DaskConfig
+    from lifelong_hashing.engine.on_dask import DaskCluster, DaskEncoder
 
-    from flows.pipeline import encode_shards, local_cluster, on_dask
-
-    flow(lambda: None, name="warm-up")()  # the temporary Prefect server starts here, untimed
     start = time.perf_counter()
-    with local_cluster(workers) as cluster, Client(cluster) as client:  # as the pipeline starts one
+    cluster = DaskCluster(DaskConfig(workers=workers))  # as the pipeline starts one
+    try:
+        cluster.map(int, range(workers))  # the cluster starts here
         cluster_seconds = time.perf_counter() - start
         runs = []
         for attempt in ("cold", "warm"):  # warm: the workers have imported torch and loaded the model
+            encoder = DaskEncoder(cluster, work / f"encoding-{size}-{workers}-{attempt}", SHARD_ROWS)
             began = time.perf_counter()
-            shards = write_shards(batch, work / f"shards-{size}-{workers}-{attempt}", SHARD_ROWS)
-            shard_seconds = time.perf_counter() - began
-            runner = on_dask(encode_shards, cluster.scheduler_address)
-            codes = read_shard_codes(runner(str(state_dir), [str(p) for p in shards]))
-            runs.append((time.perf_counter() - began, shard_seconds, digest(codes)))
-        worker_peaks = sorted(client.run(peak_mb).values())
-        overhead = task_overhead(cluster.scheduler_address) if workers == 1 else None
-    (cold, shard_seconds, codes), (warm, _, warm_codes) = runs
+            codes = encoder(method, batch)
+            runs.append((time.perf_counter() - began, encoder.shards, digest(codes)))
+        worker_peaks = sorted(cluster.client().run(peak_mb).values())
+        overhead = task_overhead(cluster) if workers == 1 else None
+    finally:
+        cluster.close()
+    (cold, shards, codes), (warm, _, warm_codes) = runs
     if warm_codes != codes:
         sys.exit("a warm run gave other codes than the cold one")
     return {"seconds": cold + cluster_seconds, "warm_seconds": warm, "cluster_start_seconds": cluster_seconds,
-            "shard_write_seconds": shard_seconds, "shards": len(shards), "peak_mb": peak_mb(),
-            "worker_peak_mb": worker_peaks, "codes": codes, **({"task_overhead_ms": overhead} if overhead else {})}
+            "shards": shards, "peak_mb": peak_mb(), "worker_peak_mb": worker_peaks, "codes": codes,
+            **({"task_overhead_ms": overhead} if overhead else {})}
 
 
-def task_overhead(address: str, tasks: int = 64) -> float:
-    """Milliseconds per mapped no-op Prefect task on the cluster: what each shard costs beyond its work."""
-    from prefect import flow, task
-
-    @task
-    def nothing(i: int) -> int:
-        return i
-
-    @flow
-    def many(n: int) -> list[int]:
-        return [f.result() for f in nothing.map(range(n))]
-
-    from flows.pipeline import on_dask
-
-    on_dask(many, address)(4)  # workers import Prefect once
+def task_overhead(cluster, tasks: int = 64) -> float:
+    """Milliseconds per mapped no-op task on the cluster: what each shard costs beyond its work."""
+    cluster.map(int, range(4))
     start = time.perf_counter()
-    on_dask(many, address)(tasks)
+    cluster.map(int, range(tasks))
     return round((time.perf_counter() - start) / tasks * 1000, 1)
 
 
@@ -152,8 +136,7 @@ def main() -> None:
             for name, workers, threads in CONFIGS:
                 out = subprocess.run([sys.executable, __file__, "--one", str(size), str(workers), str(threads),
                                       "--state", str(args.state), "--work", str(work)],
-                                     capture_output=True, text=True, cwd=ROOT,
-                                     env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+                                     capture_output=True, text=True, cwd=ROOT)
                 if out.returncode:
                     sys.exit(f"{name} at {size:,} failed:\n{out.stderr[-3000:]}")
                 measured = json.loads(out.stdout.strip().splitlines()[-1])

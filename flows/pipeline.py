@@ -11,22 +11,18 @@ Without ``PREFECT_API_URL`` a run starts Prefect's temporary local server by its
 from __future__ import annotations
 
 import argparse
-import itertools
 import shutil
 import sys
-import time
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
-from lifelong_hashing.config import DaskConfig, EvalConfig, Params, add_params_arguments, load_params, parse_overrides
-from lifelong_hashing.engine import sharding
-from lifelong_hashing.engine.runner import Scorer
-from lifelong_hashing.engine.state import save_method
+from lifelong_hashing.config import Params, add_params_arguments, load_params, parse_overrides
+from lifelong_hashing.engine.on_dask import DaskCluster
 from lifelong_hashing.operations import discovery, erasure, pipeline
 from lifelong_hashing.operations.registry import Registry
 
@@ -53,120 +49,11 @@ def quarantine(arrival: pipeline.Arrival, params: Params, reason: str, reports: 
     return pipeline.quarantine(arrival, params.pipeline.quarantine, reason, reports, kind, errors)
 
 
-@task(name="encode shard", **STEP)
-def encode_shard(state_dir: str, shard_file: str) -> str:
-    """On a Dask worker: a path in, a path out (arrays never travel through the scheduler)."""
-    return str(sharding.encode_shard(state_dir, shard_file))
-
-
-@flow(name="encode shards")
-def encode_shards(state_dir: str, shards: list[str]) -> list[str]:
-    """One mapped task per shard, on the task runner its caller gives this subflow."""
-    return [future.result() for future in encode_shard.map(unmapped(state_dir), shards)]
-
-
-@task(name="score shard", **STEP)
-def score_shard(database: str, shard_file: str, cfg: EvalConfig) -> str:
-    return str(sharding.score_shard(database, shard_file, cfg))
-
-
-@flow(name="score shards")
-def score_shards(database: str, shards: list[str], cfg: EvalConfig) -> list[str]:
-    return [future.result() for future in score_shard.map(unmapped(database), shards, unmapped(cfg))]
-
-
-class DaskCluster:
-    """``pipeline.dask`` for one run: the scheduler at ``address``, or a LocalCluster of
-    ``workers`` single-threaded processes started at first use and closed with the run (each
-    task runs ``train.threads`` torch threads itself). Tasks get the scheduler's address, a
-    string: a task's parameters travel with every task it submits."""
-
-    def __init__(self, cfg: DaskConfig):
-        self.cfg, self._local = cfg, None
-
-    def address(self) -> str:
-        if self.cfg.address:
-            return self.cfg.address
-        if self._local is None:
-            self._local = local_cluster(self.cfg.workers)
-        return self._local.scheduler_address
-
-    def close(self) -> None:
-        if self._local is not None:
-            self._local.close()
-            self._local = None
-
-
-def local_cluster(workers: int):
-    """A LocalCluster of ``workers`` single-threaded processes whose task runs report to this
-    process's Prefect API (its temporary server when none is configured). Left to themselves,
-    workers without ``PREFECT_API_URL`` each start a temporary server and keep their runs there."""
-    from distributed import LocalCluster
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        api = str(client.api_url)
-    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                        env={"PREFECT_API_URL": api})
-
-
-def on_dask(subflow, address: str):
-    """``subflow`` with its mapped tasks sent to the Dask scheduler at ``address``."""
-    from prefect_dask import DaskTaskRunner
-
-    return subflow.with_options(task_runner=DaskTaskRunner(address=address))
-
-
-class DaskEncoder:
-    """Database codes by shards on the cluster (a ``DatabaseEncoder``): each call saves the
-    method's encoders and the batch's shard files under ``work``, and the ``encode shards``
-    subflow encodes them. Counts the shards and seconds it spent, for the run's outcome."""
-
-    def __init__(self, address: str, work: Path, rows: int):
-        self.address, self.work, self.rows = address, work, rows
-        self.calls, self.shards, self.seconds = 0, 0, 0.0
-
-    def __call__(self, method, batch) -> dict:
-        start = time.perf_counter()
-        self.calls += 1
-        out = self.work / f"encoding-{self.calls}"
-        encoders = save_method(method, out / "method")
-        shards = sharding.write_shards(batch, out / "shards", self.rows)
-        encoded = on_dask(encode_shards, self.address)(str(encoders), [str(p) for p in shards])
-        codes = sharding.read_shard_codes(encoded)
-        elapsed = time.perf_counter() - start
-        self.shards, self.seconds = self.shards + len(shards), self.seconds + elapsed
-        get_run_logger().info("encoded %d items in %d shards on Dask in %.1f s", len(batch), len(shards), elapsed)
-        return codes
-
-
-def dask_scorer(address: str, work: Path, rows: int) -> Scorer:
-    """Evaluation's per-query scores, by query shards of ``rows`` on the cluster."""
-    calls = itertools.count()
-
-    def score(q_codes, db_codes, q_labels, db_labels, cfg: EvalConfig) -> dict:
-        database, shards = sharding.write_query_shards(q_codes, q_labels, db_codes, db_labels,
-                                                       work / f"scoring-{next(calls)}", rows)
-        return sharding.read_shard_scores(on_dask(score_shards, address)(str(database), [str(p) for p in shards], cfg))
-
-    return score
-
-
 @task(name="train", **STEP)
 def train(registry: Registry, arrival: pipeline.Arrival, validation, params: Params,
-          dask_address: str | None = None) -> pipeline.Candidate:
-    """With ``dask_address``, database codes (an append, the joint baseline's re-encoding) and
-    the evaluation's per-query scores are computed by shards on that Dask scheduler."""
-    if not dask_address:
-        return pipeline.train(registry, arrival, validation, params)
-    work, cfg = registry.batch_work_dir(arrival.key), params.pipeline.dask
-    encoder = DaskEncoder(dask_address, work / "encoding", cfg.shard_rows)
-    candidate = pipeline.train(registry, arrival, validation, params,
-                               dask_scorer(dask_address, work / "scoring", cfg.query_shard_rows), encoder)
-    candidate.shards_on_dask = encoder.shards
-    if encoder.shards:
-        candidate.seconds["encode_on_dask"] = encoder.seconds
-    return candidate
+          cluster: DaskCluster | None = None) -> pipeline.Candidate:
+    """With ``cluster``, database codes and the evaluation's scores are computed by shards on Dask."""
+    return pipeline.train(registry, arrival, validation, params, cluster)
 
 
 @task(name="delete items", **STEP)  # no retries: the same request gets the same verdict
@@ -258,8 +145,8 @@ def process_batch(arrival: pipeline.Arrival, registry: Registry, params: Params,
             reason = "; ".join(f.line(validation.rows) for f in validation.failures)
             return _reject(arrival, params, f"validation failed: {reason}", [work / "validation"],
                            validation_html=validation.html_path)
-        address = cluster.address() if params.pipeline.dask.enabled else None
-        candidate = train.with_options(**timed)(registry, arrival, validation, params, address)
+        on_dask = cluster if params.pipeline.dask.enabled else None
+        candidate = train.with_options(**timed)(registry, arrival, validation, params, on_dask)
         candidate = export.with_options(**timed)(candidate, registry, params)
         candidate = monitor.with_options(**timed)(candidate, params)
         if candidate.alerts and params.pipeline.block_on_alerts:
@@ -331,7 +218,8 @@ def record_and_promote(candidate: pipeline.Candidate, registry: Registry, params
     publish_artifacts(candidate, registry, tag, version)
     return {"status": "promoted", "file": candidate.arrival.name, "kind": candidate.kind, "stage": candidate.stage,
             "version": version, "tag": tag, "new_categories": candidate.new_categories,
-            "shards_on_dask": candidate.shards_on_dask, "items": candidate.items,
+            "shards_on_dask": candidate.shards_on_dask, "query_shards_on_dask": candidate.query_shards_on_dask,
+            "items": candidate.items,
             "flagged": (candidate.discovery or {}).get("flagged", 0),
             "proposals": (candidate.discovery or {}).get("proposals", [])}
 

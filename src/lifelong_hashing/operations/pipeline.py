@@ -42,11 +42,11 @@ from lifelong_hashing.config import ExportConfig, IndexConfig, MonitoringConfig,
 from lifelong_hashing.engine.batch import Batch, BatchError, load_batch
 from lifelong_hashing.engine.datasets import load_dataset
 from lifelong_hashing.engine.images import PhotoReader
-from lifelong_hashing.engine.methods.base import DatabaseEncoder, encode_here
+from lifelong_hashing.engine.methods.base import encode_here
 from lifelong_hashing.engine.metrics import DIRECTIONS, query_scores
+from lifelong_hashing.engine.on_dask import DaskCluster, DaskEncoder, DaskScorer
 from lifelong_hashing.engine.requests import REQUEST_SUFFIX
 from lifelong_hashing.engine.runner import (
-    Scorer,
     append_known,
     history_summary,
     learn_stage,
@@ -133,6 +133,7 @@ class Candidate:
     after: dict
     seconds: dict = field(default_factory=dict)
     shards_on_dask: int = 0  # database-code shards encoded by Dask workers (pipeline.dask)
+    query_shards_on_dask: int = 0  # evaluation query shards scored by them
     validation_dir: str = ""
     version_dir: str = ""
     monitor_dir: str = ""
@@ -363,12 +364,17 @@ def map_by_direction(record: dict) -> dict:
 
 
 def train(registry: Registry, arrival: Arrival, validation: ValidationResult, params: Params,
-          scorer: Scorer = query_scores, encoder: DatabaseEncoder = encode_here) -> Candidate:
+          cluster: DaskCluster | None = None) -> Candidate:
     """A batch with new categories is a lifelong increment (the configured method trains on it);
     a batch of known categories is encoded and appended, with no training. Either way the new
-    state is evaluated on the held-out queries and saved into the work folder. ``scorer`` and
-    ``encoder`` compute per-query scores and database codes (appended, or re-encoded by the joint
-    baseline) in this process by default, on Dask workers from the flow."""
+    state is evaluated on the held-out queries and saved into the work folder. Database codes
+    (appended, or re-encoded by the joint baseline) and per-query scores are computed in this
+    process, or with ``cluster`` shard by shard on its Dask workers."""
+    work = registry.batch_work_dir(arrival.key)
+    scorer, encoder = query_scores, encode_here
+    if cluster is not None:
+        encoder = DaskEncoder(cluster, work / "encoding", params.pipeline.dask.shard_rows)
+        scorer = DaskScorer(cluster, work / "scoring", params.pipeline.dask.query_shard_rows)
     state = current_state(registry)
     batch = validation.batch  # the pinned bytes as validation loaded them
     if state is None:
@@ -392,12 +398,15 @@ def train(registry: Registry, arrival: Arrival, validation: ValidationResult, pa
         kind = "append"
     if replaced:  # the one place a stored item's code changes: counted as such
         state.history[-1]["items_replaced"] = state.history[-1].get("items_replaced", 0) + replaced
-    work = registry.batch_work_dir(arrival.key)
     save_state(state, work / "state")
-    return Candidate(arrival, kind, state.method.name, state.stage, list(validation.new_categories), len(batch),
-                     work, before,
-                     map_by_direction(record), {"train": time.perf_counter() - start},
-                     validation_dir=str(work / "validation"), replaced=replaced, discovery=report)
+    candidate = Candidate(arrival, kind, state.method.name, state.stage, list(validation.new_categories), len(batch),
+                          work, before, map_by_direction(record), {"train": time.perf_counter() - start},
+                          validation_dir=str(work / "validation"), replaced=replaced, discovery=report)
+    if cluster is not None:
+        candidate.shards_on_dask, candidate.query_shards_on_dask = encoder.shards, scorer.shards
+        if encoder.shards:
+            candidate.seconds["encode_on_dask"] = encoder.seconds
+    return candidate
 
 
 def export(candidate: Candidate, registry: Registry, config: ExportConfig, index: IndexConfig) -> Candidate:
@@ -536,6 +545,9 @@ def summary_markdown(candidate: Candidate, metrics: dict, tag: str, version: str
         after, forgot = candidate.after[key], metrics[key]["mean_forgetting"]
         lines.append(f"| {direction.name} | {before} | {after:.4f} | {forgot:.4f} |")
     lines += ["", "Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in candidate.seconds.items())]
+    if candidate.shards_on_dask or candidate.query_shards_on_dask:
+        lines.append(f"- on Dask: {candidate.shards_on_dask} shards encoded, {candidate.query_shards_on_dask} "
+                     "query shards scored")
     if candidate.discovery:
         found = candidate.discovery
         lines += ["", f"- novelty: {found['flagged']} of {found['unlabelled']} unlabelled items flagged "
