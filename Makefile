@@ -30,7 +30,7 @@ pipeline: $(STAMP)
 
 # A real Prefect server on loopback (UI at http://127.0.0.1:$(PREFECT_PORT)); keep it running
 prefect-server: $(STAMP)
-	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 # The deployment of prefect.yaml on that server: work pool, prefect deploy, a worker, the arrival watcher
 deployment: $(STAMP)

@@ -70,7 +70,7 @@ def batches(root: Path, files: int) -> tuple[Path, list[Path]]:
     items = load_batch(base)
     appends = []
     for i in range(files):
-        part = items.subset(np.arange(i * APPEND_ROWS, (i + 1) * APPEND_ROWS))
+        part = items.subset(np.arange(i * APPEND_ROWS, (i + 1) * APPEND_ROWS) % len(items))
         ids = np.char.add(f"arrival{i}-", part.ids)
         appends.append(save_batch(dataclasses.replace(part, ids=ids, new_categories=()), root / f"append-{i}.npz"))
     return base, appends
@@ -149,6 +149,7 @@ def main() -> int:
     interval = deployment["schedules"][0]["interval"]
     trigger = deployment["triggers"][0]
     work = Path(tempfile.mkdtemp(prefix="lhash-arrival-"))
+    base, appends = batches(work, 2 * args.files)
     (work / "prefect").mkdir()
     server, url = start_prefect_server(work / "prefect")
     os.environ.update({"PREFECT_API_URL": url, "PREFECT_HOME": str(work / "prefect")})
@@ -158,7 +159,6 @@ def main() -> int:
                  "pipeline.deletions": str(root / "deletions"), "pipeline.discovery.ask": False,
                  "dataset.path": str(ROOT / "data/wikipedia/wikipedia.npz")}
     params_args = ["--params", str(ROOT / "params.yaml"), *(f"-S{k}={v}" for k, v in overrides.items())]
-    base, appends = batches(work, 2 * args.files)
     (root / "incoming").mkdir(parents=True)
     procs, service_proc = [], None
     try:
@@ -166,8 +166,10 @@ def main() -> int:
         log = open(work / "deployment.log", "w")
         procs = deploying.start(params_args, log)
         from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        with get_client(sync_client=True) as client:
+        # Prefect read its settings when flows.deployment imported it, before this server existed
+        with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
             time.sleep(5)  # the watcher's observer
             arrive(base, root / "incoming")
             models = root / "ws" / "models"
@@ -188,10 +190,7 @@ def main() -> int:
             schedule = measure(appends[args.files:], root / "incoming", service, 2 + args.files, client,
                                phase=lambda: rng.uniform(0, interval))
     finally:
-        for proc in [*procs, *([service_proc] if service_proc else []), server]:
-            proc.terminate()
-        for proc in [*procs, *([service_proc] if service_proc else []), server]:
-            proc.wait(60)
+        deploying.stop([*procs, *([service_proc] if service_proc else []), server])  # kills what will not stop
     result = {"what": "seconds from a batch's rename into incoming/ to its version answering on lhash serve",
               "data": "Wikipedia (real), default params; each arrival an append of "
                       f"{APPEND_ROWS} known items (no training)",
