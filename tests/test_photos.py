@@ -120,8 +120,12 @@ def test_the_service_takes_photos_as_multipart_and_base64_and_refuses_bad_ones(p
             assert message in refused[case].json()["detail"], (case, refused[case].text)
         spec = httpx.get(url + "/openapi.json").json()
         body = spec["paths"]["/search"]["post"]["requestBody"]["content"]
-        assert body["multipart/form-data"]["schema"]["properties"]["image"]["items"]["format"] == "binary"
-        assert "images" in body["application/json"]["schema"]["properties"]
+
+        def schema(kind: str) -> dict:  # request bodies are named components
+            return spec["components"]["schemas"][body[kind]["schema"]["$ref"].rsplit("/", 1)[-1]]
+
+        assert schema("multipart/form-data")["properties"]["image"]["items"]["format"] == "binary"
+        assert "images" in schema("application/json")["properties"]
         cli_url = _cli(["search", "--url", url, "--image", str(MIRFLICKR / "photos" / "im21.jpg"), "--k", "3"])
     cli_models = _cli(["--params", str(photo_model["root"] / "params.yaml"), "search", "--models",
                        str(photo_model["models"]), "--image", str(MIRFLICKR / "photos" / "im21.jpg"), "--k", "3"])
