@@ -58,8 +58,14 @@ def test_an_arrival_starts_the_deployment_and_a_burst_takes_one_run(prefect_api,
             arrive(stage_files[1], incoming, "stage-1.npz")  # a burst: one run takes both
             arrive(stage_files[2], incoming, "stage-2.npz")
             wait_for(lambda: _current(models) == "v0003", 300, "the burst to be served", procs)
-            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[found.id])))
-            triggered = [r for r in runs if r.created_by and r.created_by.type == "AUTOMATION"]
+            ours = DeploymentFilter(id=DeploymentFilterId(any_=[found.id]))
+
+            def triggered_runs_done():  # a run serves its version, then publishes its artifacts
+                runs = client.read_flow_runs(deployment_filter=ours)
+                triggered = [r for r in runs if r.created_by and r.created_by.type == "AUTOMATION"]
+                return (runs, triggered) if all(r.state.is_final() for r in triggered) else None
+
+            runs, triggered = wait_for(triggered_runs_done, 120, "the triggered runs to finish", procs)
             assert all(r.state.is_completed() for r in triggered), [r.state for r in triggered]
             assert len(triggered) == 2, [(r.name, r.created_by) for r in runs]  # one for the first, one for the burst
             assert not any(r.auto_scheduled and r.state.is_completed() for r in runs)  # the schedule did not do it
