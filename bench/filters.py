@@ -63,8 +63,7 @@ def gathered(store: CodeStore, queries: np.ndarray, where: ItemFilter) -> tuple[
     an array of their own and search that with the same kernel."""
     rows = np.flatnonzero(where.allowed(store))
     reach = min(K, len(rows))
-    idx, dist = hamming_topk_kernel(queries, np.ascontiguousarray(store.codes["image"][rows].T), reach, store.bits,
-                                    16, 1024)
+    idx, dist = hamming_topk_kernel(queries, np.ascontiguousarray(store.codes["image"][rows].T), reach, store.bits)
     pad = ((0, 0), (0, K - reach))
     return np.pad(rows[idx], pad, constant_values=-1), np.pad(dist, pad, constant_values=-1)
 

@@ -2,11 +2,18 @@
 ``kernels.hamming_topk_kernel``) against faiss IndexBinaryFlat with use_heap=False and with its
 default heap, numpy packed xor + bitwise_count, a float ±1 matrix-product ranking (how research
 code does it), and a compiled vector-popcount scan (the ceiling: every distance computed,
-nothing selected). SYNTHETIC random codes, seeded. Writes bench/results/search_speed.json.
+nothing selected, at the kernel's own blocking). SYNTHETIC random codes, seeded. Writes
+bench/results/search_speed.json.
 
     python bench/search_speed.py            # 10^4, 10^5, 10^6 codes; 64 and 128 bits; 1,000 queries
     python bench/search_speed.py --small    # 10^4 and 10^5 codes, 200 queries
+    python bench/search_speed.py --ceiling  # only the ceiling section: 10^6 and 10^7 codes, k 10 and 100
     python bench/search_speed.py --indexes  # only the index section: 10^7 codes, 64 bits
+
+The ceiling section puts the kernel beside the popcount-only scan at the sizes a large catalogue
+has: batches of 1,000 queries (throughput, both on all threads) and single queries (latency, both
+on the calling thread, as the service's small batches run), with faiss without a heap as the
+reference and its results compared.
 
 The index section measures the approximate indexes of ``serving.index`` (inference/indexes.py)
 against exact search at 10^7 64-bit codes: build seconds, queries/s for a batch of 1,000, the
@@ -29,31 +36,47 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, timed, write_result  # noqa: E402
-from report import index_row, index_table, search_row, search_table  # noqa: E402
+from report import ceiling_row, ceiling_table, index_row, index_table, search_row, search_table  # noqa: E402
 
 from lifelong_hashing.config import IndexConfig  # noqa: E402
 from lifelong_hashing.engine.codestore import CodeStore, faiss_bytes, hamming_distances, pack_codes  # noqa: E402
-from lifelong_hashing.engine.kernels import ctpop  # noqa: E402
+from lifelong_hashing.engine.kernels import CHUNK, QUERY_BLOCK, ctpop, hamming_topk_kernel  # noqa: E402
 from lifelong_hashing.inference.indexes import build_index, search_index, tie_aware_recall  # noqa: E402
 
 FULL_RANKING_QUERIES = 20  # a full ranking of 10^6 items per query is slow for every method
 FAST_REPEATS = 3  # runs of each fast method; the fastest counts
 
 
-@numba.njit(parallel=True, cache=True)
-def popcount_scan(queries, columns):
+def _popcount_scan(queries, columns, block, chunk):
     """Every query × item distance with the CPU's vector popcount over word-major codes, summed
-    so nothing is optimized away: the ceiling of any exact scan (it selects nothing)."""
-    totals = np.zeros(queries.shape[0], np.int64)
-    n = columns.shape[1]
-    for q in numba.prange(queries.shape[0]):
-        acc = 0
-        for w in range(columns.shape[0]):
-            a, col = queries[q, w], columns[w]
-            for j in range(n):
-                acc += ctpop(a ^ col[j])
-        totals[q] = acc
+    so nothing is optimized away: the ceiling of any exact scan (it selects nothing). Blocked as
+    the kernel is (a block of queries per cache-sized chunk of codes), or the ceiling would be
+    slowed by memory where the kernel is not."""
+    n_query, n = queries.shape[0], columns.shape[1]
+    totals = np.zeros(n_query, np.uint64)
+    for b in numba.prange((n_query + block - 1) // block):
+        q0 = b * block
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            for q in range(q0, min(n_query, q0 + block)):
+                acc = np.uint64(0)
+                for w in range(columns.shape[0]):
+                    a, col = queries[q, w], columns[w, c0:c1]
+                    for j in range(c1 - c0):
+                        acc += ctpop(a ^ col[j])
+                totals[q] += acc
     return totals
+
+
+# not cached on disk: numba keys its cache by function name, so two builds of one would collide
+_popcount_parallel = numba.njit(parallel=True)(_popcount_scan)
+_popcount_serial = numba.njit(_popcount_scan)
+
+
+def popcount_scan(queries, columns):
+    """The ceiling on the same threads as the kernel: all of them for more than one block."""
+    scan = _popcount_parallel if len(queries) > QUERY_BLOCK else _popcount_serial
+    return scan(queries, columns, QUERY_BLOCK, CHUNK)
 
 
 def float_topk(q_signs, db_signs, k):
@@ -106,6 +129,86 @@ def measure(n: int, bits: int, n_queries: int, k: int, rng) -> tuple[dict, dict,
     return top, full, identical
 
 
+CEILING_SIZES, CEILING_BITS, CEILING_KS = (1_000_000, 10_000_000), (64, 128), (10, 100)
+SINGLE_QUERIES = 20  # the latency rows: this many single queries, one after another
+
+
+def random_codes(n: int, bits: int, rng) -> np.ndarray:
+    return np.frombuffer(rng.bytes(n * (bits // 64) * 8), np.uint64).reshape(n, bits // 64)
+
+
+@numba.njit(cache=True)
+def candidates_per_query(distances: np.ndarray, k: int) -> float:
+    """How many items an online top-k admits on average: those below the running bound when they
+    come (the k-th distance so far, ties to the earlier item), as the kernel's pass does. About
+    k (1 + ln(n / k)) for random codes; each costs the kernel a look at its span."""
+    total = 0
+    for q in range(distances.shape[0]):
+        hist = np.zeros(distances.max() + 2, np.int64)
+        bound, below = distances.max() + 1, 0
+        for d in distances[q]:
+            if d < bound:
+                total += 1
+                hist[d] += 1
+                below += 1
+                while below >= k:
+                    bound -= 1
+                    below -= hist[bound]
+    return total / distances.shape[0]
+
+
+def paired(first, second, repeats: int = 5) -> tuple[float, float, float]:
+    """Both functions' fastest times, and the median of first ÷ second over runs taken in turn,
+    so a slow spell of the machine touches both sides of each ratio."""
+    times = [(timed(first), timed(second)) for _ in range(repeats)]
+    return min(a for a, _ in times), min(b for _, b in times), float(np.median([a / b for a, b in times]))
+
+
+def measure_ceiling(n: int, bits: int, rng) -> list[dict]:
+    """The kernel against the popcount-only ceiling and faiss (no heap) at each k, on one database."""
+    db, queries = random_codes(n, bits, rng), random_codes(1000, bits, rng)
+    columns = np.ascontiguousarray(db.T)
+    index = faiss.IndexBinaryFlat(bits)
+    index.use_heap = False
+    index.add(faiss_bytes(db, bits))
+    popcount_scan(queries[:2], columns), popcount_scan(queries, columns[:, :CHUNK].copy())  # compiled, threads up
+    sample = hamming_distances(queries[:20], db).astype(np.int64)
+    return [row for k in CEILING_KS for row in ceiling_rows(k, queries, columns, index, sample)]
+
+
+def ceiling_rows(k: int, queries: np.ndarray, columns: np.ndarray, index, sample: np.ndarray) -> list[dict]:
+    """A batch of 1,000 queries and single queries (each measured in turn with the ceiling);
+    whether the top k equals faiss'; the candidates the kernel admits per query."""
+    n, bits = columns.shape[1], 64 * columns.shape[0]
+    q8 = faiss_bytes(queries, bits)
+
+    def singles(search):
+        return lambda: [search(queries[i:i + 1]) for i in range(SINGLE_QUERIES)]
+
+    def kernel(q):
+        return hamming_topk_kernel(q, columns, k, bits)
+
+    kernel(queries[:2]), hamming_topk_kernel(queries, columns[:, :CHUNK].copy(), k, bits)
+    index.search(q8[:2], k)
+    ours, theirs = kernel(queries), index.search(q8, k)
+    identical = bool(np.array_equal(ours[0], theirs[1]) and np.array_equal(ours[1], theirs[0]))
+    measured = {"batch": paired(lambda: popcount_scan(queries, columns), lambda: kernel(queries)),
+                "single": paired(singles(lambda q: popcount_scan(q, columns)), singles(kernel))}
+    flat = {"batch": timed(lambda: index.search(q8, k), FAST_REPEATS),
+            "single": timed(singles(lambda q: index.search(faiss_bytes(q, bits), k)), FAST_REPEATS)}
+    candidates = round(candidates_per_query(sample, k), 1)
+    rows = []
+    for batch, count, per in (("batch", 1000, 1), ("single", 1, SINGLE_QUERIES)):
+        ceiling, ours_s, share = measured[batch]
+        rows.append({"codes": n, "bits": bits, "k": k, "queries": count,
+                     "seconds": {"code store": round(ours_s / per, 6), "ceiling": round(ceiling / per, 6),
+                                 "faiss no heap": round(flat[batch] / per, 6)},
+                     "of_ceiling": round(share, 3), "vs_faiss": round(flat[batch] / ours_s, 2),
+                     "identical_to_faiss": identical, "candidates_per_query": candidates})
+        print(ceiling_row(rows[-1]), flush=True)
+    return rows
+
+
 INDEX_SETTINGS = [IndexConfig(kind="ivf", ivf_lists=lists, ivf_probes=probes)
                   for lists in (1024, 4096) for probes in (4, 16, 64)]
 INDEX_SETTINGS += [IndexConfig(kind="multihash", multihash_tables=tables, multihash_flips=flips)
@@ -151,10 +254,18 @@ def measure_indexes(n: int, bits: int, n_queries: int, k: int, rng) -> list[dict
     return rows
 
 
+def update_result(section: dict, name: str = "search_speed") -> None:
+    """Replace one section of the result file, keeping the others."""
+    path = RESULTS / f"{name}.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    print(f"\nwritten to {write_result(name, {**result, **section})}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--indexes", action="store_true", help="only the index section (10^7 codes)")
+    ap.add_argument("--ceiling", action="store_true", help="only the ceiling section (10^6 and 10^7 codes)")
     ap.add_argument("--index-codes", type=int, default=10_000_000)
     ap.add_argument("--k", type=int, default=100)
     args = ap.parse_args()
@@ -162,9 +273,14 @@ def main() -> None:
         print(f"SYNTHETIC CLUSTERED codes, {args.index_codes:,} × 64 bits; 1,000 queries, top-{args.k}; "
               f"faiss threads {faiss.omp_get_max_threads()}\n\n" + index_table([]))
         rows = measure_indexes(args.index_codes, 64, 1000, args.k, np.random.default_rng(0))
-        path = RESULTS / "search_speed.json"
-        result = json.loads(path.read_text()) if path.exists() else {}
-        print(f"\nwritten to {write_result('search_speed', {**result, 'indexes': rows})}")
+        update_result({"indexes": rows})
+        return
+    if args.ceiling:
+        print(f"SYNTHETIC random codes; threads: numba {numba.get_num_threads()}, faiss {faiss.omp_get_max_threads()}"
+              f" (single queries: one thread each)\n\n" + ceiling_table([]))
+        rng = np.random.default_rng(1)
+        rows = [row for n in CEILING_SIZES for bits in CEILING_BITS for row in measure_ceiling(n, bits, rng)]
+        update_result({"ceiling": rows})
         return
     sizes, n_queries = ([10_000, 100_000], 200) if args.small else ([10_000, 100_000, 1_000_000], 1000)
     rng = np.random.default_rng(0)
@@ -182,9 +298,7 @@ def main() -> None:
                              "million_codes_per_s": {m: round(r, 1) for m, r in rate.items()},
                              **({"identical_to_faiss": identical} if task == "top-100" else {})})
                 print(search_row(rows[-1]), flush=True)
-    name = "search_speed" + ("_small" if args.small else "")
-    previous = json.loads((RESULTS / f"{name}.json").read_text()) if (RESULTS / f"{name}.json").exists() else {}
-    print(f"\nwritten to {write_result(name, {**previous, 'rows': rows})}")
+    update_result({"rows": rows}, "search_speed" + ("_small" if args.small else ""))
 
 
 if __name__ == "__main__":

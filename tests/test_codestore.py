@@ -49,11 +49,12 @@ def test_search_is_exact_with_ties_broken_by_position():
         assert ranked[row].tolist() == plain[row, full].tolist()
 
 
-@pytest.mark.parametrize("bits", [8, 64, 128, 192])
+@pytest.mark.parametrize("bits", [8, 64, 96, 128])
 @pytest.mark.parametrize(("k", "block", "chunk"), [(1, 3, 7), (25, 3, 64), (200, 16, 2048), (301, 1, 50), (7, 64, 100)])
 def test_counting_kernel_equals_a_stable_sort_and_faiss(bits, k, block, chunk):
     """Blocks and chunks that do not divide the queries and items, many ties (8 bits), k up to N;
-    one block of queries (block 64) runs the serial variant."""
+    one block of queries (block 64) runs the serial variant. Chunks of 64 and 100 are split into
+    4 whole spans (the vector check), 7 and 50 are not (every span looked at)."""
     import faiss
 
     from lifelong_hashing.engine.kernels import hamming_topk_kernel
@@ -73,6 +74,23 @@ def test_counting_kernel_equals_a_stable_sort_and_faiss(bits, k, block, chunk):
     np.testing.assert_array_equal(idx, f_idx)
     np.testing.assert_array_equal(dist, f_dist)
 
+
+
+@pytest.mark.parametrize("k", [3, 100, 300])
+def test_the_kernel_stays_exact_when_every_item_beats_the_last(k):
+    """A database in falling distance from each query admits nearly every item as a candidate
+    (the online worst case), so the candidate buffer fills and is compacted many times."""
+    from lifelong_hashing.engine.kernels import hamming_topk_kernel
+
+    rng = np.random.default_rng(k)
+    q = pack_codes(rng.choice([-1, 1], size=(3, 128)))
+    db = pack_codes(rng.choice([-1, 1], size=(2000, 128)))
+    db = db[np.argsort(-hamming_distances(q[:1], db)[0], kind="stable")]  # far to near for query 0
+    idx, dist = hamming_topk_kernel(q, np.ascontiguousarray(db.T), k, 128, block=2, chunk=100)
+    plain = hamming_distances(q, db).astype(np.int64)
+    order = np.argsort(plain, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(idx, order)
+    np.testing.assert_array_equal(dist, np.take_along_axis(plain, order, 1))
 
 VARIANT_RUN = """
 import sys
@@ -102,9 +120,17 @@ def test_the_serial_and_parallel_kernels_each_run_their_own_build_from_the_on_di
     assert [starts_threads(q) for q in (1, 64, 1, 64)] == [False, True, False, True]
 
 
-def test_codes_of_256_bits_search_through_faiss_with_the_same_rule():
-    store, signs = _store(bits=256, n=120)
-    q = np.random.default_rng(2).choice([-1, 1], size=(5, 256))
+def test_the_kernel_refuses_codes_longer_than_two_words():
+    from lifelong_hashing.engine.kernels import hamming_topk_kernel
+
+    with pytest.raises(ValueError, match="up to 128 bits"):
+        hamming_topk_kernel(np.zeros((2, 3), np.uint64), np.zeros((3, 10), np.uint64), 2, 192)
+
+
+@pytest.mark.parametrize("bits", [192, 256])
+def test_codes_longer_than_128_bits_search_through_faiss_with_the_same_rule(bits):
+    store, signs = _store(bits=bits, n=120)
+    q = np.random.default_rng(2).choice([-1, 1], size=(5, bits))
     idx, dist = store.search(pack_codes(q), "text", k=30)
     plain = (q[:, None, :] != signs["text"][None, :, :]).sum(-1)
     order = np.argsort(plain, axis=1, kind="stable")[:, :30]

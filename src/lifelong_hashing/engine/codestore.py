@@ -6,8 +6,9 @@ T→I the ``image`` codes with a text query. Hamming ranking breaks ties by data
 (insertion order), the rule of DCMH's reference evaluation.
 
 Exact top-k search runs on a compiled counting kernel (``kernels.hamming_topk_kernel``) for codes
-under 256 bits: the CPU's vector popcount over word-major codes, blocked over queries, and a
-histogram of distances instead of a heap; it keeps the tie rule and outruns faiss'
+of up to 128 bits: the CPU's vector popcount over word-major codes, blocked over queries, a bound
+that only lets the few items that can still make the top k through, and a counting sort of them
+instead of a heap; it keeps the tie rule and outruns faiss'
 ``IndexBinaryFlat`` (``bench/search_speed.py``; bench/results/search_speed.json). Longer codes
 use faiss ``IndexBinaryFlat`` with ``use_heap=False``, whose counting selection keeps the same
 rule. Full rankings (for metrics) use the numpy path, which needs every distance anyway.
@@ -310,14 +311,14 @@ class CodeStore:
             empty = np.full((len(query_codes), k), -1)
             return empty.astype(np.int64), empty.astype(np.int32)
         query_codes = np.ascontiguousarray(query_codes)
-        if self.bits >= 256:
+        if self.bits > 128:
             idx, top = self._faiss_search(query_codes, modality, reach, within)
         elif within is not None and within.rows is not None:  # few pass: scan only their codes
-            idx, top = hamming_topk_kernel(query_codes, within.columns(self, modality), reach, self.bits, 16, 1024)
+            idx, top = hamming_topk_kernel(query_codes, within.columns(self, modality), reach, self.bits)
             idx = within.rows[idx]
         else:  # distances fit a byte: the compiled counting kernel (bench/search_speed.py)
-            idx, top = hamming_topk_kernel(query_codes, self._columns(modality), reach, self.bits, 16, 1024,
-                                           None if within is None else within.blocked)
+            idx, top = hamming_topk_kernel(query_codes, self._columns(modality), reach, self.bits,
+                                           blocked=None if within is None else within.blocked)
         if radius is not None:
             far = top > radius
             idx[far], top[far] = -1, -1
@@ -338,7 +339,7 @@ class CodeStore:
 
     def _faiss_search(self, query_codes: np.ndarray, modality: str, k: int,
                       within: _Within | None) -> tuple[np.ndarray, np.ndarray]:
-        """Codes of 256 bits and more: faiss' exact flat index, or within a filter a flat index
+        """Codes longer than 128 bits: faiss' exact flat index, or within a filter a flat index
         over the allowed items (kept in order, so ties still go by position)."""
         import faiss
 

@@ -6,11 +6,12 @@ ties broken by database position needs no sort.
 - Average precision: a first pass counts items and relevant items per distance; a second pass
   in database order gives each item its exact rank (items at smaller distances + items before
   it at its own distance) in O(N).
-- Top-k search: distances for a block of queries against a cache-sized chunk of the database
-  (the codes word-major, so each word is one contiguous vector the CPU's popcount instruction
-  runs on), a histogram of the distances that can still make the top k (the bound tightens as
-  the histogram fills), then a pass that places each winner at its rank. Hot loops run from 0
-  over slices: numba's negative-index handling otherwise keeps LLVM from vectorizing them.
+- Top-k search: one pass over the database per block of queries, a cache-sized chunk at a
+  time (the codes word-major, so each word is one contiguous vector the CPU's popcount
+  instruction runs on). Per query and chunk, one vector loop computes the distances and whether
+  any is below the query's bound; only items below it become candidates, the bound falling as
+  they come, and a counting sort of the candidates gives the top k. Hot loops run from 0 over
+  slices: numba's negative-index handling otherwise keeps LLVM from vectorizing them.
 """
 
 from __future__ import annotations
@@ -87,126 +88,180 @@ def ctpop(typingctx, x):
     return types.uint64(types.uint64), codegen
 
 
-@numba.njit(nogil=True, inline="always")
-def _distances(query, columns, c0, c1, row):
-    """row[j] = Hamming distance from ``query`` to item c0 + j of ``columns`` (words × items)."""
-    col, a = columns[0, c0:c1], query[0]
-    if columns.shape[0] == 2:  # 128 bits: both words in one pass
-        col2, a2 = columns[1, c0:c1], query[1]
-        for j in range(c1 - c0):
-            row[j] = ctpop(a ^ col[j]) + ctpop(a2 ^ col2[j])
-        return
-    for j in range(c1 - c0):
-        row[j] = ctpop(a ^ col[j])
-    for w in range(1, columns.shape[0]):
-        col, a = columns[w, c0:c1], query[w]
-        for j in range(c1 - c0):
-            row[j] += ctpop(a ^ col[j])
+QUERY_BLOCK = 64  # queries sharing each chunk of codes while it is in cache
+CHUNK = 1024  # codes per chunk, checked as 4 spans: the block reads a chunk from the L1 cache
+GROUP = 64  # codes checked again, one group at a time, in a span that holds an item below a bound
 
 
 @numba.njit(nogil=True, inline="always")
-def _exclude(row, blocked, c0, size):
-    """Push the items a filter excludes (``blocked`` 255) past every real distance (<= bits < 255)."""
-    if blocked is not None:  # numba compiles the unfiltered search without this loop
-        part = blocked[c0:c0 + size]
-        for j in range(size):
-            row[j] = max(row[j], part[j])
+def _distance(a, col, a2, col2, part, j):
+    """Distance from the query (words a, a2) to item j of the slices ``col``, ``col2`` (None for
+    64-bit codes), pushed past every real distance (<= bits < 255) when ``part`` (a filter's
+    slice, or None) excludes it. The Nones are types, so numba compiles each case without the
+    branches, and the loops that call this vectorize."""
+    d = ctpop(a ^ col[j])
+    if col2 is not None:
+        d += ctpop(a2 ^ col2[j])
+    if part is not None:
+        d = max(d, np.uint64(part[j]))
+    return d
 
 
 @numba.njit(nogil=True, inline="always")
-def _count_within(row, size, limit):
-    """How many of the first ``size`` distances are <= limit (a vectorized count)."""
-    hits = 0
-    for j in range(size):
-        hits += row[j] <= limit
-    return hits
+def _spans_below(a, col, a2, col2, part, span, bound):
+    """Bit i set when an item of span i (items i * span to (i + 1) * span of the slices, 4 spans)
+    is below ``bound``. "Below" ORs the differences d - bound, whose top bit is set only when
+    d < bound: a one-cycle dependency where a min or a count is a longer one. The four spans go
+    in one loop, so the loop and its reductions are paid once per chunk."""
+    s0, s1, s2, s3 = np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0)
+    span = np.uint64(span)  # unsigned offsets: numba adds no negative-index fix-up, LLVM vectorizes
+    for j in range(span):
+        s0 |= _distance(a, col, a2, col2, part, j) - bound
+        s1 |= _distance(a, col, a2, col2, part, j + span) - bound
+        s2 |= _distance(a, col, a2, col2, part, j + 2 * span) - bound
+        s3 |= _distance(a, col, a2, col2, part, j + 3 * span) - bound
+    top = np.uint64(63)
+    return (s0 >> top) | (s1 >> top) << np.uint64(1) | (s2 >> top) << np.uint64(2) | (s3 >> top) << np.uint64(3)
 
 
-def hamming_topk_kernel(queries, columns, k, bits, block, chunk, blocked=None):
+@numba.njit(nogil=True, inline="always")
+def _any_below(a, col, a2, col2, part, j0, j1, bound):
+    """Whether an item j0..j1 is below ``bound`` (as ``_spans_below``, for one group)."""
+    acc = np.uint64(0)
+    for j in range(np.uint64(j1 - j0)):
+        acc |= _distance(a, col, a2, col2, part, np.uint64(j0) + j) - bound
+    return acc >> np.uint64(63)
+
+
+@numba.njit(nogil=True, inline="always")
+def _distances(a, col, a2, col2, part, j0, j1, row):
+    """row[j] = distance to item j0 + j, for a group that holds an item below the bound."""
+    for j in range(np.uint64(j1 - j0)):  # unsigned offsets, as in _spans_below
+        row[j] = _distance(a, col, a2, col2, part, np.uint64(j0) + j)
+
+
+# A query's candidates: item positions and distances in database order, their histogram, and its
+# state: how many there are, the bound (only an item below it can still make the top k: the
+# smallest distance with k candidates at or below it, bits + 1 until there are k) and how many
+# candidates lie below the bound.
+_COUNT, _BOUND, _BELOW = 0, 1, 2
+
+
+@numba.njit(nogil=True, inline="always")
+def _admit(q, position, d, found, found_at, hist, state, k):
+    """Add the item at ``position``, distance d < bound, to query q's candidates and tighten the
+    bound: amortised O(1), since the bound only falls. Items at the bound that come later lose
+    their tie to the earlier ones, so the bound excludes its own distance. (Rows indexed, not
+    sliced: a slice per candidate costs more than the rest of this.)"""
+    if state[q, _COUNT] == found.shape[1]:
+        _compact(found[q], found_at[q], hist[q], state[q], k)
+    count = state[q, _COUNT]
+    found[q, count], found_at[q, count] = position, d
+    state[q, _COUNT] = count + 1
+    hist[q, d] += 1
+    below, bound = state[q, _BELOW] + 1, state[q, _BOUND]
+    while below >= k:
+        bound -= 1
+        below -= hist[q, bound]
+    state[q, _BELOW], state[q, _BOUND] = below, bound
+
+
+@numba.njit(nogil=True, inline="always")
+def _compact(found, found_at, hist, state, k):
+    """Drop the candidates that can no longer make the top k: those past the bound and, at the
+    bound, all but the first ones needed. Keeps database order; leaves k candidates."""
+    bound, need = state[_BOUND], k - state[_BELOW]
+    kept, at_bound = 0, 0
+    for i in range(state[_COUNT]):
+        d = found_at[i]
+        if d < bound or (d == bound and at_bound < need):
+            at_bound += d == bound
+            found[kept], found_at[kept] = found[i], d
+            kept += 1
+    hist[bound] = at_bound
+    hist[bound + 1:] = 0
+    state[_COUNT] = kept
+
+
+@numba.njit(nogil=True, inline="always")
+def _place(found, found_at, hist, state, k, indices, distances):
+    """The top k in order: a counting sort of the candidates by distance, stable, so ties stay in
+    database order; at the k-th distance only the first ones needed are taken."""
+    start = np.zeros(hist.shape[0], np.int64)  # the rank of the next item at each distance
+    rank = 0
+    for d in range(hist.shape[0]):
+        start[d] = rank
+        rank += hist[d]
+    for i in range(state[_COUNT]):
+        d = found_at[i]
+        if start[d] < k:
+            indices[start[d]], distances[start[d]] = found[i], d
+            start[d] += 1
+
+
+def hamming_topk_kernel(queries, columns, k, bits, block=QUERY_BLOCK, chunk=CHUNK, blocked=None):
     """``_hamming_topk`` on threads when there is more than one block of queries to share out;
     one block runs on the calling thread (the service's batches of a few queries: no thread pool
     to wake, nor to fight over when two requests search at once)."""
-    if queries.shape[0] > block:
-        return _hamming_topk_parallel(queries, columns, k, bits, block, chunk, blocked)
-    return _hamming_topk_serial(queries, columns, k, bits, block, chunk, blocked)
+    if columns.shape[0] not in (1, 2):
+        raise ValueError(f"the kernel takes codes of 1 or 2 words (up to 128 bits), got {columns.shape[0]}")
+    run = _hamming_topk_parallel if queries.shape[0] > block else _hamming_topk_serial
+    if columns.shape[0] == 1:
+        return run(queries, columns[0], None, k, bits, block, chunk, blocked)
+    return run(queries, columns[0], columns[1], k, bits, block, chunk, blocked)
 
 
-def _hamming_topk(queries, columns, k, bits, block, chunk, blocked):
+def _hamming_topk(queries, words, words2, k, bits, block, chunk, blocked):
     """The k nearest items per query, ties by database position: (indices, distances), each
-    (Q, k), ordered by distance then position. ``columns``: the database's code words, word-major
-    (words, N); distances must fit uint8 (bits < 256). ``blocked``: None, or (N,) uint8, 255 for
-    each item a filter excludes and 0 for the others, so the top k is exact within the filter at
-    the cost of one max per item; 1 <= k <= the items not excluded.
+    (Q, k), ordered by distance then position. ``words``, ``words2``: the database's first and
+    second code words, (N,) each (None for 64-bit codes). ``blocked``: None, or (N,) uint8, 255
+    for each item a filter excludes and 0 for the others, so the top k is exact within the filter
+    at the cost of one max per item; 1 <= k <= the items not excluded.
 
-    Two passes per query, each recomputing distances chunk by chunk (cheap: one vector popcount
-    per word), so no distance array larger than a chunk exists. The first, blocked over queries so
-    a chunk of codes serves all of them from cache, histograms the distances that can still make
-    the top k; the second places each winner at its rank. Chunks and groups of 64 with no
-    candidate are skipped by a vectorized count."""
-    n_query, n = queries.shape[0], columns.shape[1]
+    One pass over the database per block of queries, a chunk at a time so the chunk's codes serve
+    every query of the block from cache. Per query and chunk, one vector loop tells which of its
+    4 spans hold an item below the query's bound; only their groups are checked again, and a
+    group's items below the bound admitted as candidates, the bound falling as they come. The
+    pass runs near the popcount-only ceiling, slowed by the candidates an online selection must
+    look at, about k (1 + ln(N / k)) a query (bench/results/search_speed.json, "ceiling")."""
+    n_query, n = queries.shape[0], words.shape[0]
     indices = np.empty((n_query, k), np.int64)
     distances = np.empty((n_query, k), np.int32)
+    span = (chunk + 3) // 4
     for b in numba.prange((n_query + block - 1) // block):
         q0 = b * block
         m = min(n_query, q0 + block) - q0
-        row = np.empty(chunk, np.uint8)
-        hist = np.zeros((m, bits + 1), np.int64)
-        bound = np.full(m, bits, np.int64)  # no item beyond it can still make the top k
+        row = np.empty(GROUP, np.uint64)
+        found = np.empty((m, max(2 * k, 256)), np.int64)
+        found_at = np.empty(found.shape, np.int64)
+        hist = np.zeros((m, bits + 2), np.int64)
+        state = np.zeros((m, 3), np.int64)
+        state[:, _BOUND] = bits + 1
         for c0 in range(0, n, chunk):
             c1 = min(n, c0 + chunk)
-            size = c1 - c0
+            col = words[c0:c1]
+            col2 = None if words2 is None else words2[c0:c1]
+            part = None if blocked is None else blocked[c0:c1]
             for qi in range(m):
-                _distances(queries[q0 + qi], columns, c0, c1, row)
-                _exclude(row, blocked, c0, size)
-                limit = np.uint8(bound[qi])
-                if _count_within(row, size, limit) == 0:
-                    continue
-                h = hist[qi]
-                for g0 in range(0, size, 64):
-                    group = row[g0:min(size, g0 + 64)]
-                    if _count_within(group, group.shape[0], limit):
-                        for j in range(group.shape[0]):
-                            if group[j] <= limit:
-                                h[group[j]] += 1
-                cum = 0
-                for t in range(bound[qi] + 1):
-                    cum += h[t]
-                    if cum >= k:
-                        bound[qi] = t
-                        break
-        for qi in range(m):
-            q = q0 + qi
-            start = np.zeros(bits + 1, np.int64)  # rank of the next item at each distance below t
-            t, below = bits, 0
-            for d in range(bits + 1):
-                start[d] = below
-                if below + hist[qi, d] >= k:
-                    t = d  # the distance the k-th item is at
-                    break
-                below += hist[qi, d]
-            take, taken = k - below, 0  # how many of the items at distance t, in database order
-            limit = np.uint8(t)
-            for c0 in range(0, n, chunk):
-                c1 = min(n, c0 + chunk)
-                size = c1 - c0
-                _distances(queries[q], columns, c0, c1, row)
-                _exclude(row, blocked, c0, size)
-                if _count_within(row, size, limit) == 0:
-                    continue
-                for g0 in range(0, size, 64):
-                    group = row[g0:min(size, g0 + 64)]
-                    if _count_within(group, group.shape[0], limit) == 0:
+                a, bound = queries[q0 + qi, 0], np.uint64(state[qi, _BOUND])
+                a2 = queries[q0 + qi, queries.shape[1] - 1]  # read only with col2
+                whole = c1 - c0 == 4 * span  # the last chunk may be short: all its spans are looked at
+                spans = _spans_below(a, col, a2, col2, part, span, bound) if whole else np.uint64(15)
+                for s0 in range(0, c1 - c0, span):
+                    if not (spans >> np.uint64(s0 // span)) & np.uint64(1):
                         continue
-                    for j in range(group.shape[0]):
-                        d = group[j]
-                        if d < t:
-                            indices[q, start[d]] = c0 + g0 + j
-                            distances[q, start[d]] = d
-                            start[d] += 1
-                        elif d == t and taken < take:
-                            indices[q, below + taken] = c0 + g0 + j
-                            distances[q, below + taken] = d
-                            taken += 1
+                    s1 = min(c1 - c0, s0 + span)
+                    for g0 in range(s0, s1, GROUP):
+                        g1 = min(s1, g0 + GROUP)
+                        if not _any_below(a, col, a2, col2, part, g0, g1, bound):
+                            continue
+                        _distances(a, col, a2, col2, part, g0, g1, row)
+                        for j in range(g1 - g0):
+                            if row[j] < bound:
+                                _admit(qi, c0 + g0 + j, row[j], found, found_at, hist, state, k)
+                                bound = np.uint64(state[qi, _BOUND])
+        for qi in range(m):
+            _place(found[qi], found_at[qi], hist[qi], state[qi], k, indices[q0 + qi], distances[q0 + qi])
     return indices, distances
 
 
