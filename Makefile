@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast browser pipeline prefect-server deployment repro rollback validate monitor compare serve \
+.PHONY: run test test-fast browser bench-tools pipeline prefect-server deployment repro rollback validate monitor compare serve \
 	bench bench-small bench-quality bench-quality-small bench-photos tune docs lint clean
 
 $(STAMP): pyproject.toml
@@ -65,6 +65,13 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver \
 	  || { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver; }; }
+
+# wrk (Debian), the compiled load generator of bench/serve_load.py; py-spy comes with the dev extras.
+bench-tools:
+	command -v wrk >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y --no-install-recommends wrk \
+	  || { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends wrk; }; }
 
 test: $(STAMP) browser
 	$(BIN)/ruff check .

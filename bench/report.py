@@ -294,6 +294,21 @@ def filters_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def budget_table(r: dict) -> str:
+    """bench/run_budget.py: a pipeline run's seconds, part by part (mean ± sd over the appends)."""
+    parts = r["summary"]
+    labels = {"before_flow": "process start to flow run (imports, settings, server)",
+              "between_steps": "the flow's own work between steps", "after_flow": "flow run end to process exit"}
+    out = [f"{r['data']}; {len(r['runs'])} runs.", "", "| part | seconds | share of the run |", "|---|---|---|"]
+    total = parts["process"]["mean"]
+    for name, stat in parts.items():
+        if name != "process":
+            label = labels.get(name, f"`{name.removeprefix('step: ')}`")
+            out.append(f"| {label} | {pm((stat['mean'], stat['sd']), 2)} | {stat['mean'] / total:.0%} |")
+    out.append(f"| **the whole run** | **{pm((total, parts['process']['sd']), 2)}** | 100% |")
+    return "\n".join(out)
+
+
 def arrival_table(r: dict) -> str:
     """bench/arrival.py: seconds from a batch's rename into incoming/ to its version served."""
     out = [f"{r['data']}; the deployment of prefect.yaml on a real Prefect server and worker (the worker asks "
@@ -376,9 +391,9 @@ def scale_summary(search: dict, serve: dict, sharded: dict) -> str:
         f"- **Serving**: requests that arrive together are encoded and searched as one batch; `/search` serves "
         f"{serve['ratio_to_bare']:.2f} ± {serve['ratio_to_bare_sd']:.2f} of the requests/s of a bare FastAPI "
         f"endpoint under the same server ({serve['service']['requests_per_s']:.0f} vs "
-        f"{serve['bare']['requests_per_s']:.0f}), a rate the client bounds; each request costs the service "
-        f"{serve['service']['server_cpu_us_per_request']:.0f} µs of CPU against the bare endpoint's "
-        f"{serve['bare']['server_cpu_us_per_request']:.0f} (encoding and searching a query).",
+        f"{serve['bare']['requests_per_s']:.0f}), a rate the client bounds. Saturated by `wrk`, a request costs "
+        f"the service {_pm(serve['wrk']['ratios']['server_cpu_us_per_request'])}× the bare endpoint's CPU "
+        f"(encoding and searching a query is part of it) at {_pm(serve['wrk']['ratios']['p99_ms'])}× its p99.",
         f"- **Sharded work**: `pipeline.dask` encodes append batches (and the joint baseline's re-encoding) and scores "
         f"evaluation queries shard by shard "
         f"on Dask workers (`engine.on_dask`), identical to one process. Encoding {largest:,} items: "
@@ -420,6 +435,23 @@ def encoder_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+MATRIX_COLUMNS = ("PyTorch eager", "ONNX Runtime, served", "ONNX Runtime, spinning", "append encoding")
+
+
+def matrix_table(rows: list[dict]) -> str:
+    """bench/encoder_throughput.py, ``matrix``: GFLOP/s, and in brackets the share of the matrix
+    rate (the same products as the encoder's layers; the 2,048² product for the backbone)."""
+    out = ["| encoder | threads | MFLOP a row | same products | 2,048² product | " + " | ".join(MATRIX_COLUMNS) + " |",
+           "|---" * (5 + len(MATRIX_COLUMNS)) + "|"]
+    for r in rows:
+        g, share = r["gflop_per_s"], r["of_matrix_rate"]
+        same = f"{g['same products']:.0f}" if "same products" in g else "—"
+        cells = [f"{g[c]:.0f} ({share[c]:.2f})" if c in g else "—" for c in MATRIX_COLUMNS]
+        out.append(f"| {r['encoder']} | {r['threads']} | {r['mflop_per_row']:g} | {same} | "
+                   f"{g['2048² product']:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def load_table(r: dict) -> str:
     """bench/serve_load.py: the real service beside a bare FastAPI endpoint, same client and server."""
     rows = ["| endpoint | requests | req/s | p50 ms | p99 ms | server CPU µs / request | client CPU µs / request "
@@ -441,6 +473,41 @@ def load_table(r: dict) -> str:
             out.append(f"| {label} | {m['requests']:,} | {m['p50_ms']} | {m['p99_ms']} | {m['errors']} |")
         out += ["", f"Each slow client sends POST headers declaring 100 kB, then one body byte a second, for "
                     f"{slow['seconds']:g} s (the service's request deadline: `serving.request_timeout_seconds`)."]
+    return "\n".join(out)
+
+
+def _pm(stat: dict) -> str:
+    return pm((stat["mean"], stat["sd"]), 2)
+
+
+def wrk_table(r: dict) -> str:
+    """bench/serve_load.py, the wrk section: both endpoints saturated by a compiled client, the
+    service's own work measured alone, and where the service's time goes (py-spy)."""
+    w, work = r["wrk"], r["work"]
+    rows = ["| endpoint | requests | req/s | p50 ms | p99 ms | server CPU µs / request | errors |",
+            "|---|---|---|---|---|---|---|"]
+    for name, label in (("bare", "bare FastAPI (parse body, fixed hits)"), ("service", "lhash serve /search")):
+        m = w[name]
+        rows.append(f"| {label} | {m['requests']:,} | {m['requests_per_s']:,.0f} | {m['p50_ms']} | {m['p99_ms']} "
+                    f"| {m['server_cpu_us_per_request']:,.0f} | {m['errors']} |")
+    ratio = w["ratios"]
+    cpu, bare_cpu = w["service"]["server_cpu_us_per_request"], w["bare"]["server_cpu_us_per_request"]
+    beyond = cpu - work["encode_search_hits_us"] - work["render_us"]
+    out = rows + ["", f"wrk, one thread, {w['connections']} connections, {w['rounds']} alternating rounds of "
+                      f"{w['seconds']:g} s per endpoint (medians). Service ÷ bare, per round: server CPU a request "
+                      f"**{_pm(ratio['server_cpu_us_per_request'])}**, p99 **{_pm(ratio['p99_ms'])}**, "
+                      f"req/s {_pm(ratio['requests_per_s'])}.", "",
+           f"The service's own work, measured alone in the bench's process (a query in a batch of {work['batch']}, "
+           f"as the service batches under this load): encoding {work['encode_us']:g} µs, encoding + top-k + hits "
+           f"{work['encode_search_hits_us']:g} µs, the JSON of its hits {work['render_us']:g} µs. Beyond that work "
+           f"a request costs the service {beyond:,.0f} µs of CPU: {beyond / bare_cpu:.2f}× the bare endpoint's."]
+    spied = r.get("profile")
+    if spied:
+        out += ["", f"Where the service's samples go (py-spy, {spied['samples']:,} samples during one more round):", "",
+                "| layer (innermost frame) | share |", "|---|---|"]
+        out += [f"| {name} | {share:.1%} |" for name, share in spied["layers"].items() if share > 0]
+        out += ["", "| step (frame and all it calls) | share |", "|---|---|"]
+        out += [f"| `{name}` | {share:.1%} |" for name, share in spied["steps"].items()]
     return "\n".join(out)
 
 
@@ -501,7 +568,10 @@ BLOCKS = {
     "eval-speed": lambda: eval_table(_read("eval_speed")),
     "memory": lambda: memory_table(_read("memory")),
     "encoder-throughput": lambda: encoder_table(_read("encoder_throughput")["rows"]),
+    "encoder-matrix": lambda: matrix_table(_read("encoder_throughput")["matrix"]),
     "serve-load": lambda: load_table(_read("serve_load")),
+    "serve-wrk": lambda: wrk_table(_read("serve_load")),
+    "run-budget": lambda: budget_table(_read("run_budget")),
     "search-ceiling": lambda: ceiling_table(_read("search_speed")["ceiling"]),
     "search-indexes": lambda: index_table(_read("search_speed")["indexes"]),
     "filters": lambda: filters_table(_read("filters")),

@@ -389,8 +389,12 @@ class CodeStore:
 
 def words_from_bytes(packed_bytes: np.ndarray) -> np.ndarray:
     """(n, K/8) packed bytes, as the exported encoders emit them → (n, ceil(K/64)) uint64 words."""
-    pad = (-packed_bytes.shape[1]) % 8
-    return np.ascontiguousarray(np.pad(packed_bytes, ((0, 0), (0, pad)))).view("<u8")
+    n, width = packed_bytes.shape
+    if width % 8 == 0:
+        return np.ascontiguousarray(packed_bytes).view("<u8")
+    words = np.zeros((n, -(-width // 8) * 8), np.uint8)
+    words[:, :width] = packed_bytes
+    return words.view("<u8")
 
 
 def faiss_bytes(words: np.ndarray, bits: int) -> np.ndarray:

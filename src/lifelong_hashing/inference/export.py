@@ -145,7 +145,7 @@ def export_encoder(method: Method, modality: str, path: Path, metadata: dict[str
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     import onnx
 
-    with warnings.catch_warnings(), _quiet_exporter():
+    with warnings.catch_warnings(), quiet_exporter():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapper, (example,), input_names=[input_name(method, modality)],
                                     output_names=["code", "bits"],
@@ -171,7 +171,7 @@ def export_encoder(method: Method, modality: str, path: Path, metadata: dict[str
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
+def quiet_exporter():
     """The dynamo exporter logs every pass at INFO; a user needs only the result."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
     levels = [lg.level for lg in loggers]

@@ -18,6 +18,7 @@ set; the Host header must be one of ``serving.allowed_hosts``.
 import asyncio
 import dataclasses
 import functools
+import gc
 import hmac
 import json
 import logging
@@ -27,10 +28,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, Request, Security
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -244,8 +244,11 @@ class VersionResponse(_Strict):
 
 
 # The key ``ApiKey`` checks, declared so that the spec (and a client generated from it) can send it.
-API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="ApiKey",
-                       description="the service's key (LHASH_API_KEY), when one is set")
+# The key is checked by the ApiKey middleware, before any body is read; the spec only declares it
+# (a FastAPI security dependency would check it again on every request, at a cost: docs/benchmarks.md).
+API_KEY_SCHEME = {"ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                             "description": "the service's key (LHASH_API_KEY), when one is set"}}
+KEYED = {"security": [{"ApiKey": []}]}
 PROBLEMS = {code: {"model": Problem} for code in (400, 401, 413, 415, 422, 503)}
 
 
@@ -293,12 +296,14 @@ def request_schema(model: type[BaseModel], components: dict) -> dict:
 
 
 def add_components(app: FastAPI, components: dict) -> None:
-    """The spec FastAPI generates, with the request schemas ``request_schema`` collected."""
+    """The spec FastAPI generates, with the request schemas ``request_schema`` collected and the
+    API key's scheme."""
     generate = app.openapi
 
     def openapi() -> dict:
         spec = generate()
         spec.setdefault("components", {}).setdefault("schemas", {}).update(components)
+        spec["components"]["securitySchemes"] = API_KEY_SCHEME
         return spec
 
     app.openapi = openapi
@@ -408,6 +413,7 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
         if watch:
             threading.Thread(target=holder.watch, args=(stop, cfg.poll_seconds, deletions), name="model-watcher",
                              daemon=True).start()
+        freeze_startup_objects()
         yield
         stop.set()
         batcher.close()
@@ -421,7 +427,7 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
     app.add_middleware(ApiKey, key=key.get_secret_value() if key else None, open_paths=("/health",))
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(cfg.allowed_hosts))
     add_error_handlers(app)
-    keyed = {"dependencies": [Security(API_KEY)], "responses": PROBLEMS}
+    keyed = {"responses": PROBLEMS, "openapi_extra": KEYED}
     components: dict = {}
     add_components(app, components)
 
@@ -435,8 +441,8 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
         return VersionResponse(**holder.served().info(), project_version=__version__, last_error=holder.last_error,
                                fallback=holder.fallback, hidden=len(holder.hidden))
 
-    @app.post("/encode", **{**keyed, "responses": {**PROBLEMS, 200: {"model": EncodeResponse}}},
-              response_class=Response, openapi_extra=request_schema(EncodeRequest, components))
+    @app.post("/encode", responses={**PROBLEMS, 200: {"model": EncodeResponse}},
+              response_class=Response, openapi_extra={**KEYED, **request_schema(EncodeRequest, components)})
     async def encode(request: Request) -> Response:
         query, model, x = await reader.parse(request, EncodeRequest)
         width = model.bits // 8
@@ -449,8 +455,8 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
                                     functools.partial(model.encode, query.modality), render,
                                     inline=x.dtype != np.uint8)  # a photo's backbone is too slow for the loop
 
-    @app.post("/search", **{**keyed, "responses": {**PROBLEMS, 200: {"model": SearchResponse}}},
-              response_class=Response, openapi_extra=request_schema(SearchRequest, components))
+    @app.post("/search", responses={**PROBLEMS, 200: {"model": SearchResponse}},
+              response_class=Response, openapi_extra={**KEYED, **request_schema(SearchRequest, components)})
     async def search(request: Request) -> Response:
         query, model, x = await reader.parse(request, SearchRequest)
         targets = search_targets(query, cfg, len(x))
@@ -473,6 +479,14 @@ def create_app(models_dir: str | Path, cfg: ServingConfig | None = None, *, watc
         return submit_deletion(holder, deletions, body.ids)
 
     return app
+
+
+def freeze_startup_objects() -> None:
+    """Move what start-up made (modules, the app, the served model) out of the garbage collector's
+    reach. A full collection otherwise walks all of it while requests wait, a pause of tens of
+    milliseconds that lands on the tail latency (bench/serve_load.py)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _json(payload: dict) -> Response:
