@@ -17,7 +17,6 @@ bench/results/arrival.json.
 """
 
 import argparse
-import dataclasses
 import os
 import random
 import shutil
@@ -29,51 +28,15 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, free_port, wait_healthy, write_result  # noqa: E402
+from common import ROOT, free_port, known_appends, start_prefect_server, utc, wait_healthy, write_result  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from flows import deployment as deploying  # noqa: E402
-from lifelong_hashing.config import load_params  # noqa: E402
-from lifelong_hashing.engine.batch import load_batch, save_batch  # noqa: E402
-from lifelong_hashing.engine.runner import build_plan  # noqa: E402
 
 APPEND_ROWS = 200
-
-
-def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    log = open(home.parent / "prefect-server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    sys.exit("the Prefect server did not start")
-
-
-def batches(root: Path, files: int) -> tuple[Path, list[Path]]:
-    """The base stage, and ``files`` appends of known items under new ids."""
-    params = load_params(ROOT / "params.yaml", {"dataset.path": str(ROOT / "data/wikipedia/wikipedia.npz")})
-    base = save_batch(build_plan(params).stages[0].batch, root / "stage-0.npz")
-    items = load_batch(base)
-    appends = []
-    for i in range(files):
-        part = items.subset(np.arange(i * APPEND_ROWS, (i + 1) * APPEND_ROWS) % len(items))
-        ids = np.char.add(f"arrival{i}-", part.ids)
-        appends.append(save_batch(dataclasses.replace(part, ids=ids, new_categories=()), root / f"append-{i}.npz"))
-    return base, appends
 
 
 def arrive(src: Path, incoming: Path) -> float:
@@ -104,17 +67,11 @@ def run_of(client, after: float) -> tuple[float, float]:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime
     from prefect.client.schemas.sorting import FlowRunSort
 
-    from_time = FlowRunFilter(start_time=FlowRunFilterStartTime(after_=_utc(after)))
+    from_time = FlowRunFilter(start_time=FlowRunFilterStartTime(after_=utc(after)))
     for run in client.read_flow_runs(flow_run_filter=from_time, sort=FlowRunSort.START_TIME_ASC):
         if run.state.is_completed() and run.start_time.timestamp() >= after:
             return run.start_time.timestamp(), run.end_time.timestamp()
     sys.exit("no completed run found")
-
-
-def _utc(stamp: float):
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(stamp, tz=UTC)
 
 
 def measure(files: list[Path], incoming: Path, service: str, first: int, client, phase=None) -> list[dict]:
@@ -149,7 +106,7 @@ def main() -> int:
     interval = deployment["schedules"][0]["interval"]
     trigger = deployment["triggers"][0]
     work = Path(tempfile.mkdtemp(prefix="lhash-arrival-"))
-    base, appends = batches(work, 2 * args.files)
+    base, appends = known_appends(work, 2 * args.files, APPEND_ROWS, "arrival")
     (work / "prefect").mkdir()
     server, url = start_prefect_server(work / "prefect")
     os.environ.update({"PREFECT_API_URL": url, "PREFECT_HOME": str(work / "prefect")})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -84,3 +85,53 @@ def timed(fn, repeats: int = 1) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
+    """A real ``prefect server start`` on a free loopback port, its database under ``home``."""
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home.parent / "prefect-server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    sys.exit("the Prefect server did not start")
+
+
+def utc(stamp: float):
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(stamp, tz=UTC)
+
+
+def known_appends(root: Path, count: int, rows: int, prefix: str) -> tuple[Path, list[Path]]:
+    """The base stage of the default plan on the real Wikipedia data, and ``count`` appends of
+    ``rows`` of its items under new ids (``prefix`` and the append's number): known categories,
+    so a run encodes and appends them without training."""
+    import dataclasses
+
+    import numpy as np
+
+    from lifelong_hashing.config import load_params
+    from lifelong_hashing.engine.batch import load_batch, save_batch
+    from lifelong_hashing.engine.runner import build_plan
+
+    params = load_params(ROOT / "params.yaml", {"dataset.path": str(ROOT / "data/wikipedia/wikipedia.npz")})
+    base = save_batch(build_plan(params).stages[0].batch, root / "stage-0.npz")
+    items = load_batch(base)
+    appends = []
+    for i in range(count):
+        part = items.subset(np.arange(i * rows, (i + 1) * rows) % len(items))
+        ids = np.char.add(f"{prefix}{i}-", part.ids)
+        appends.append(save_batch(dataclasses.replace(part, ids=ids, new_categories=()), root / f"append-{i}.npz"))
+    return base, appends
+

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from flows.pipeline import process_incoming
+from flows.pipeline import exit_now, process_incoming
 from lifelong_hashing.config import add_params_arguments, load_params, parse_overrides
 from lifelong_hashing.engine.batch import save_batch
 from lifelong_hashing.engine.runner import build_plan, stage_table
@@ -58,4 +58,4 @@ registry:       gto show -r {registry.root}; gto history -r {registry.root}  (ro
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

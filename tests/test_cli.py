@@ -60,3 +60,22 @@ def test_bad_params_and_inputs_fail_with_one_clear_line(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("lhash: error:") and words in err, (argv, err)
+
+
+def test_importing_the_registry_leaves_the_process_log_handlers_open():
+    """GTO configures logging when imported, which would flush and close every handler the
+    process has (a Prefect flow run's among them); the registry imports it without that."""
+    import subprocess
+    import sys
+
+    code = ("import logging, sys\n"
+            "class Kept(logging.Handler):\n"
+            "    closed = False\n"
+            "    def emit(self, record): pass\n"
+            "    def close(self): Kept.closed = True\n"
+            "handler = Kept(); logging.getLogger().addHandler(handler)\n"
+            "import lifelong_hashing.operations.registry\n"
+            "import gto.api\n"
+            "print('gto' in sys.modules, handler in logging.getLogger().handlers, Kept.closed)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True", "False"]

@@ -136,6 +136,10 @@ def test_increments_append_duplicate_and_rollback(workspace, stage_files):
     assert lhash(argv + ["promote", "v1.3.0", "--stage", "prod"]) == 0
     assert current_version(ws.models_dir) == "v0003" and gto_show(ws)["stage"]["prod"] == "v1.3.0"
     assert json.loads(ws.state_dir.joinpath("state.json").read_text())["stage"] == 2
+    assert ws.was_in_stage(4, "prod") and ws.was_in_stage(3, "prod")
+    state = run(workspace)  # nothing new: a run leaves the version a person put in prod
+    assert state.is_completed() and state.result() == []
+    assert current_version(ws.models_dir) == "v0003" and gto_show(ws)["stage"]["prod"] == "v1.3.0"
     assert lhash(argv + ["promote", "v0004", "--stage", "prod"]) == 0 and gto_show(ws)["stage"]["prod"] == "v1.4.0"
 
     # Rollback: v0002's model, state and history come back as a new commit, in prod and served;

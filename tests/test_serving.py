@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import pytest
 import schemathesis
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
@@ -88,6 +89,42 @@ def test_export_parity_metadata_and_dynamic_batch(wiki):
             code, bits = session.run(None, {"features": np.ones((n, dim), np.float32)})
             assert code.shape == (n, 64) and bits.shape == (n, 8) and bits.dtype == np.uint8
         assert "int8" not in entry and not (wiki["version"] / f"{modality}.int8.onnx").exists()
+
+
+def test_a_version_takes_the_last_ones_encoders_when_they_did_not_change(wiki, tmp_path, monkeypatch):
+    """An append of known items leaves the encoders as they were: the next version copies their
+    graphs with its own metadata instead of running the exporter; a changed weight exports again."""
+    exported = []
+    real_export = export_module.export_encoder
+
+    def counted(method, modality, *args, **kwargs):
+        exported.append(modality)
+        return real_export(method, modality, *args, **kwargs)
+
+    monkeypatch.setattr(export_module, "export_encoder", counted)
+    models = tmp_path / "models"
+    again = publish(wiki["state"], models, ExportConfig(int8_min_agreement=None), 5, previous=wiki["version"])
+    assert exported == []
+    before, after = (json.loads((v / "manifest.json").read_text())["encoders"] for v in (wiki["version"], again))
+    for modality in ("image", "text"):
+        assert after[modality]["fingerprint"] == before[modality]["fingerprint"]
+        old, new = (onnx.load(v / f"{modality}.onnx") for v in (wiki["version"], again))
+        assert old.graph == new.graph
+        assert {p.key: p.value for p in new.metadata_props}["model_version"] == again.name == "v0005"
+        x = np.ones((3, 128 if modality == "image" else 1000), np.float32)
+        assert (new_session(again / f"{modality}.onnx").run(["bits"], {"features": x})[0]
+                == new_session(wiki["version"] / f"{modality}.onnx").run(["bits"], {"features": x})[0]).all()
+    net = wiki["state"].method.nets()["text"]
+    with torch.no_grad():
+        net.head.bias[0] += 1.0
+    try:
+        changed = publish(wiki["state"], models, ExportConfig(int8_min_agreement=None), previous=again)
+    finally:
+        with torch.no_grad():
+            net.head.bias[0] -= 1.0
+    assert exported == ["text"]
+    assert json.loads((changed / "manifest.json").read_text())["encoders"]["text"]["fingerprint"] != \
+        after["text"]["fingerprint"]
 
 
 def test_int8_copies_are_kept_only_when_they_agree_with_fp32(wiki, tmp_path):

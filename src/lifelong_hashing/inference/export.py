@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import shutil
 import tempfile
@@ -160,9 +161,7 @@ def export_encoder(method: Method, modality: str, path: Path, metadata: dict[str
     for node in [*model.graph.node, *(n for f in model.functions for n in f.node)]:
         del node.metadata_props[:]
         node.doc_string = ""
-    for key, value in metadata.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, str(value)
+    _set_metadata(model, metadata)
     buffer = io.BytesIO()
     onnx.save_model(model, buffer)
     with atomic_write(path) as fh:
@@ -229,11 +228,54 @@ def encoder_input(method: Method, modality: str) -> dict:
             "backbone_sha256": backbone.spec.converted_sha256}
 
 
+def encoder_fingerprint(method: Method, modality: str) -> str:
+    """What an exported encoder's graph is made from: its weights and buffers, its input, the code
+    length, the backbone and the exporter's versions. An equal fingerprint gives the same graph,
+    so a version can take the last one's file instead of exporting again (an append of known
+    categories leaves the encoders as they were; bench/results/run_budget.json)."""
+    import onnx
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(method.nets()[modality].state_dict().items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    backbone = photo_backbone(method, modality)
+    digest.update(repr((OPSET, method.bits, input_name(method, modality), backbone.spec.name if backbone else None,
+                        __version__, torch.__version__, onnx.__version__)).encode())
+    return digest.hexdigest()
+
+
+def reuse_encoder(previous: Path, modality: str, fingerprint: str, path: Path, metadata: dict[str, str]) -> bool:
+    """Copy ``previous`` version's ``modality`` encoder to ``path`` with ``metadata`` when it was
+    made from the same ``fingerprint``; False when there is none to reuse."""
+    import onnx
+
+    try:
+        entry = json.loads((previous / "manifest.json").read_text())["encoders"][modality]
+    except (OSError, ValueError, KeyError):
+        return False
+    if entry.get("fingerprint") != fingerprint or not (previous / entry["file"]).is_file():
+        return False
+    model = onnx.load_model(previous / entry["file"])
+    del model.metadata_props[:]
+    _set_metadata(model, metadata)
+    with atomic_write(path) as fh:
+        fh.write(model.SerializeToString())
+    return True
+
+
+def _set_metadata(model, metadata: dict[str, str]) -> None:
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+
+
 def export_method(method: Method, out_dir: Path, *, model_version: str, int8_min_agreement: float | None,
-                  photos: tuple[bytes, ...] = ()) -> dict:
+                  photos: tuple[bytes, ...] = (), previous: Path | None = None) -> dict:
     """Export both encoders with parity (an error below 100 % bit agreement) and, if asked, int8
     copies that are kept only when their bit agreement reaches ``int8_min_agreement``. ``photos``:
-    real photos to check a photo encoder's parity on."""
+    real photos to check a photo encoder's parity on. ``previous``: a version folder whose
+    encoders are taken, not exported again, where their fingerprint is this method's."""
     metadata = {"project_version": __version__, "model_version": model_version, "bits": method.bits,
                 "vocabulary_hash": vocabulary_hash(method.categories), "opset": OPSET}
     report: dict = {"opset": OPSET, "encoders": {}}
@@ -241,8 +283,12 @@ def export_method(method: Method, out_dir: Path, *, model_version: str, int8_min
         entry = encoder_input(method, modality)
         shape = entry["input_shape"]
         path = out_dir / f"{modality}.onnx"
-        export_encoder(method, modality, path, {**metadata, "modality": modality, "input": entry["input"],
-                                                "input_dim": "x".join(map(str, shape))}, photos)
+        fingerprint = encoder_fingerprint(method, modality)
+        own = {**metadata, "modality": modality, "input": entry["input"], "input_dim": "x".join(map(str, shape))}
+        reused = previous is not None and reuse_encoder(previous, modality, fingerprint, path, own)
+        if not reused:
+            export_encoder(method, modality, path, own, photos)
+        entry.update(fingerprint=fingerprint)
         parity = check_parity(method, modality, path, photos)
         if parity.bit_agreement < 1.0:
             path.unlink()
@@ -262,9 +308,10 @@ def export_method(method: Method, out_dir: Path, *, model_version: str, int8_min
 
 
 def publish(state: RunState, models_dir: str | Path, cfg: ExportConfig, number: int | None = None,
-            index: IndexConfig | None = None) -> Path:
+            index: IndexConfig | None = None, previous: Path | None = None) -> Path:
     """Export a state's encoders and code store as version ``number`` (default: the next one),
-    not yet promoted, with the approximate search ``index`` (``serving.index``) when not flat."""
+    not yet promoted, with the approximate search ``index`` (``serving.index``) when not flat;
+    encoders unchanged since version folder ``previous`` are taken from it."""
     root = versions_dir(models_dir)
     root.mkdir(parents=True, exist_ok=True)
     existing = list_versions(models_dir)
@@ -274,7 +321,7 @@ def publish(state: RunState, models_dir: str | Path, cfg: ExportConfig, number: 
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.tmp-"))
     try:
         report = export_method(state.method, tmp, model_version=name, int8_min_agreement=cfg.int8_min_agreement,
-                               photos=state.photos)
+                               photos=state.photos, previous=previous)
         state.store.save(tmp / "codes.npz")
         if index is not None and index.kind != "flat":
             report["index"] = build_indexes(state.store, index, tmp)

@@ -56,7 +56,7 @@ from lifelong_hashing.engine.runner import (
 from lifelong_hashing.engine.stages import Stage
 from lifelong_hashing.engine.state import RunState, load_state, new_state, save_state, timings_path
 from lifelong_hashing.files import atomic_write, sha256_of, write_json, write_text
-from lifelong_hashing.inference.versions import version_name, version_number
+from lifelong_hashing.inference.versions import list_versions, version_name, version_number
 from lifelong_hashing.operations.data_contract import CONTEXT_DIR
 from lifelong_hashing.operations.registry import Registry, version_tag
 from lifelong_hashing.operations.validation import BatchExpectations, ValidationResult, validate_batch
@@ -411,12 +411,15 @@ def train(registry: Registry, arrival: Arrival, validation: ValidationResult, pa
 
 def export(candidate: Candidate, registry: Registry, config: ExportConfig, index: IndexConfig) -> Candidate:
     """ONNX encoders with parity checks, the code store and its search index (``serving.index``),
-    as the next version (not promoted)."""
+    as the next version (not promoted); encoders unchanged since the last recorded version are
+    taken from it rather than exported again."""
     from lifelong_hashing.inference.export import publish
 
     start = time.perf_counter()
+    recorded = list_versions(registry.models_dir)
     version = publish(load_state(candidate.state_dir), candidate.work / "models", config,
-                      number=registry.next_number(), index=index)
+                      number=registry.next_number(), index=index,
+                      previous=registry.versions_dir / recorded[-1] if recorded else None)
     candidate.version_dir = str(version)
     candidate.seconds["export"] = time.perf_counter() - start
     return candidate

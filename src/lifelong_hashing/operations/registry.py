@@ -64,6 +64,28 @@ from lifelong_hashing.inference.versions import (
 from lifelong_hashing.operations.data_contract import CONTEXT_DIR
 from lifelong_hashing.operations.monitoring import stage_report_name
 
+
+def _import_gto_without_its_logging_setup() -> None:
+    """Import GTO (DVC's artifact calls import it too) with its import-time logging set-up cut to
+    its own logger. ``gto.log`` calls ``logging.config.dictConfig``, which flushes and closes every
+    handler the process already has: inside a Prefect flow run, Prefect's API log handler then
+    waits for its queue to reach the server, seconds of every pipeline run
+    (bench/results/run_budget.json), and the run's handlers are closed under it."""
+    import logging
+    import logging.config
+
+    if "gto" in sys.modules:
+        return
+    configure = logging.config.dictConfig
+    logging.config.dictConfig = lambda config: logging.getLogger("gto").setLevel(config["loggers"]["gto"]["level"])
+    try:
+        import gto  # noqa: F401
+    finally:
+        logging.config.dictConfig = configure
+
+
+_import_gto_without_its_logging_setup()
+
 OUTPUTS = ("state", "models/versions", "batches", "reports")
 ARTIFACT = "hashing-model"
 STAGES = ("staging", "prod")
@@ -487,8 +509,10 @@ class Registry:
         return int(TAG.match(names[0]).group(1)) if names else None
 
     def was_in_stage(self, number: int, stage: str) -> bool:
-        """Whether version ``number`` was ever assigned ``stage``."""
-        return bool(self.git("tag", "--points-at", version_tag(number), "--list", f"{ARTIFACT}#{stage}#*").split())
+        """Whether version ``number`` was ever assigned ``stage``: a stage tag on its commit (the
+        version tag is an annotated tag, so it is peeled to the commit first)."""
+        commit = f"{version_tag(number)}^{{commit}}"
+        return bool(self.git("tag", "--points-at", commit, "--list", f"{ARTIFACT}#{stage}#*").split())
 
     def serve(self, number: int) -> str:
         """Assign ``prod`` to version ``number`` and point serving at it, once it loads as the
