@@ -8,10 +8,11 @@ ties broken by database position needs no sort.
   it at its own distance) in O(N).
 - Top-k search: one pass over the database per block of queries, a cache-sized chunk at a
   time (the codes word-major, so each word is one contiguous vector the CPU's popcount
-  instruction runs on). Per query and chunk, one vector loop computes the distances and whether
-  any is below the query's bound; only items below it become candidates, the bound falling as
-  they come, and a counting sort of the candidates gives the top k. Hot loops run from 0 over
-  slices: numba's negative-index handling otherwise keeps LLVM from vectorizing them.
+  instruction runs on). Per query and chunk, one vector loop tells which quarters of the chunk
+  hold an item below the query's bound; only items below it become candidates, the bound
+  falling as they come, and a counting sort of the candidates gives the top k. Hot loops run
+  from 0 over slices, or on unsigned offsets: numba's negative-index handling otherwise keeps
+  LLVM from vectorizing them.
 """
 
 from __future__ import annotations
