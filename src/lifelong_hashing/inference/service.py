@@ -243,9 +243,9 @@ class VersionResponse(_Strict):
     hidden: int = Field(description="served items hidden until erased (pending deletion requests)")
 
 
-# The key ``ApiKey`` checks, declared so that the spec (and a client generated from it) can send it.
-# The key is checked by the ApiKey middleware, before any body is read; the spec only declares it
-# (a FastAPI security dependency would check it again on every request, at a cost: docs/benchmarks.md).
+# The key ``ApiKey`` checks before any body is read, declared so that the spec (and a client
+# generated from it) can send it. Declared, not a FastAPI security dependency: that would check it
+# again on every request, at a cost (docs/benchmarks.md, "Saturated, with a compiled client").
 API_KEY_SCHEME = {"ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
                              "description": "the service's key (LHASH_API_KEY), when one is set"}}
 KEYED = {"security": [{"ApiKey": []}]}
