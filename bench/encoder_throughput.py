@@ -86,7 +86,8 @@ def matrix_rows(modality: str, method, version: Path, features: np.ndarray, seco
         spinning = ort.SessionOptions()
         spinning.intra_op_num_threads = threads
         served = new_session(version / f"{modality}.onnx", threads)
-        default = ort.InferenceSession(str(version / f"{modality}.onnx"), spinning, providers=["CPUExecutionProvider"])
+        default = ort.InferenceSession(str(version / f"{modality}.onnx"), spinning,
+                                       providers=list(execution_providers()))
         rates = {"same products": rows_per_second(layers_only, 1024, seconds) * flops,
                  "PyTorch eager": rows_per_second(eager, 1024, seconds) * flops,
                  "ONNX Runtime, served": rows_per_second(lambda s=served: s.run(["bits"], {"features": x}), 1024,

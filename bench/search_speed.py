@@ -195,7 +195,7 @@ def ceiling_rows(k: int, queries: np.ndarray, columns: np.ndarray, index, sample
     measured = {"batch": paired(lambda: popcount_scan(queries, columns), lambda: kernel(queries)),
                 "single": paired(singles(lambda q: popcount_scan(q, columns)), singles(kernel))}
     flat = {"batch": timed(lambda: index.search(q8, k), FAST_REPEATS),
-            "single": timed(singles(lambda q: index.search(faiss_bytes(q, bits), k)), FAST_REPEATS)}
+            "single": timed(lambda: [index.search(q8[i:i + 1], k) for i in range(SINGLE_QUERIES)], FAST_REPEATS)}
     candidates = round(candidates_per_query(sample, k), 1)
     rows = []
     for batch, count, per in (("batch", 1000, 1), ("single", 1, SINGLE_QUERIES)):
